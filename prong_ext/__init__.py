@@ -1,0 +1,1 @@
+"""prong_ext: Natural Neural Networks (PRONG)."""
