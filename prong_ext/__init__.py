@@ -1,1 +1,23 @@
-"""prong_ext: Natural Neural Networks (PRONG)."""
+"""prong_ext: Natural Neural Networks (PRONG, Desjardins et al. 2015) for PyTorch.
+
+Whitened layers compute z = V U (h - c) + d; Prong re-estimates U and c from the statistics of
+each layer's input every T updates and re-projects V and d so that the network function does not
+change. See README.md and PRONG.md for the conventions.
+"""
+
+from . import ops, reference
+from .convert import unwhiten, whiten
+from .nn import WhitenedConv2d, WhitenedLinear
+from .prong import Prong
+
+__all__ = [
+    "Prong",
+    "WhitenedConv2d",
+    "WhitenedLinear",
+    "ops",
+    "reference",
+    "unwhiten",
+    "whiten",
+]
+
+__version__ = "0.1.0"

@@ -15,6 +15,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_cuda)
 
 
+# The tests use small tensors: one thread avoids oversubscribing a small machine.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -1,0 +1,161 @@
+"""Naive implementations of every prong_ext op.
+
+This module is the single oracle: tests compare the fast paths with it (in float64), benchmarks time
+it as the "naive" baseline, and its formulas are PRONG.md's written out with no fusion at all:
+
+- covariance: permute to rows, center, one matmul;
+- whitened layers: the two-step form, whitening 1x1 conv by U on the centered (padded) input, then
+  the layer's own conv/linear by V with no padding;
+- eigendecomposition and whitening: a Python loop of torch.linalg.eigh, one layer at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "batched_eigh",
+    "conv_padding",
+    "covariance",
+    "whitened_conv2d",
+    "whitened_linear",
+    "whitening",
+]
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, *) -> (N * prod(*), C): every position of every sample is one row of C features."""
+    if x.dim() < 2:
+        raise ValueError(f"expected an input of shape (N, C, *), got {tuple(x.shape)}")
+    return x.movedim(1, -1).reshape(-1, x.shape[1])
+
+
+def covariance(
+    x: torch.Tensor, *, dtype: torch.dtype = torch.float64
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Mean and biased covariance of the features along dim 1.
+
+    Args:
+        x: (N, C, *) inputs; for (N, C, H, W) every spatial position is a sample.
+        dtype: accumulation dtype.
+
+    Returns:
+        mean: (C,), cov: (C, C) = E[(h - mean)(h - mean)^T] (1/count), count: number of rows.
+    """
+    rows = _rows(x).to(dtype)
+    count = rows.shape[0]
+    mean = rows.mean(0)
+    centered = rows - mean
+    return mean, centered.T @ centered / count, count
+
+
+def whitened_linear(
+    x: torch.Tensor,
+    V: torch.Tensor,
+    d: torch.Tensor | None,
+    U: torch.Tensor,
+    c: torch.Tensor,
+) -> torch.Tensor:
+    """z = V U (x - c) + d, computed as two matrix products.
+
+    Args:
+        x: (*, in), V: (out, in), d: (out,) or None, U: (in, in), c: (in,).
+
+    Returns:
+        (*, out)
+    """
+    return F.linear(F.linear(x - c, U), V, d)
+
+
+def conv_padding(
+    padding: str | int | tuple[int, int],
+    kernel_size: tuple[int, int],
+    dilation: tuple[int, int],
+) -> tuple[int, int, int, int]:
+    """nn.Conv2d's padding as explicit (left, right, top, bottom) amounts for F.pad."""
+    if padding == "valid":
+        return (0, 0, 0, 0)
+    if padding == "same":
+        amounts = []
+        for k, dil in zip(reversed(kernel_size), reversed(dilation)):
+            total = dil * (k - 1)
+            amounts += [total // 2, total - total // 2]
+        return tuple(amounts)
+    if isinstance(padding, int):
+        padding = (padding, padding)
+    return (padding[1], padding[1], padding[0], padding[0])
+
+
+def whitened_conv2d(
+    x: torch.Tensor,
+    V: torch.Tensor,
+    d: torch.Tensor | None,
+    U: torch.Tensor,
+    c: torch.Tensor,
+    stride: int | tuple[int, int] = 1,
+    padding: str | int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    padding_mode: str = "zeros",
+) -> torch.Tensor:
+    """The two-convolution whitened conv: pad h, center, 1x1 conv by U, k x k conv by V unpadded.
+
+    Args:
+        x: (N, C_in, H, W), V: (C_out, C_in, kh, kw), d: (C_out,) or None, U: (C_in, C_in),
+            c: (C_in,); stride, padding, dilation, padding_mode as in nn.Conv2d.
+
+    Returns:
+        (N, C_out, H_out, W_out)
+    """
+    dilation = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
+    pad = conv_padding(padding, tuple(V.shape[2:]), dilation)
+    if padding_mode == "zeros":
+        h = F.pad(x, pad)
+    else:
+        h = F.pad(x, pad, mode=padding_mode)
+    h = h - c.view(1, -1, 1, 1)
+    h = F.conv2d(h, U[:, :, None, None])
+    return F.conv2d(h, V, d, stride=stride, padding=0, dilation=dilation)
+
+
+def batched_eigh(mats: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Eigendecomposition of each symmetric matrix, one torch.linalg.eigh call per matrix.
+
+    Returns:
+        eigenvalues (ascending) and eigenvectors (columns), one pair per matrix.
+    """
+    values, vectors = [], []
+    for m in mats:
+        lam, q = torch.linalg.eigh(m)
+        values.append(lam)
+        vectors.append(q)
+    return values, vectors
+
+
+def whitening(
+    covs: list[torch.Tensor], eps: float, kind: str = "pca"
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Whitening matrices U and their inverses from covariances (PRONG.md).
+
+    Sigma = Q diag(lam) Q^T with lam clamped at 0;
+    pca: U = diag(lam + eps)^-1/2 Q^T,     U^-1 = Q diag(lam + eps)^1/2;
+    zca: U = Q diag(lam + eps)^-1/2 Q^T,   U^-1 = Q diag(lam + eps)^1/2 Q^T.
+
+    Args:
+        covs: (n_i, n_i) symmetric matrices.
+        eps: > 0, added to every eigenvalue.
+        kind: "pca" or "zca".
+    """
+    if kind not in ("pca", "zca"):
+        raise ValueError(f"{kind=} must be 'pca' or 'zca'")
+    values, vectors = batched_eigh(covs)
+    us, u_invs = [], []
+    for lam, q in zip(values, vectors):
+        scale = lam.clamp_min(0) + eps
+        u = scale.rsqrt()[:, None] * q.T
+        u_inv = q * scale.sqrt()
+        if kind == "zca":
+            u, u_inv = q @ u, u_inv @ q.T
+        us.append(u)
+        u_invs.append(u_inv)
+    return us, u_invs

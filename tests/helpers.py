@@ -1,0 +1,68 @@
+"""Small models and comparisons shared by the tests."""
+
+import torch
+from torch import nn
+
+
+def mlp(bias: bool = True) -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(12, 16, bias=bias), nn.Tanh(), nn.Linear(16, 9, bias=bias), nn.Tanh(), nn.Linear(9, 5)
+    )
+
+
+def cnn(bias: bool = True) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=bias),
+        nn.ReLU(),
+        nn.Conv2d(8, 6, 3, padding=2, dilation=2, bias=bias),
+        nn.ReLU(),
+        nn.Conv2d(6, 5, 1, bias=bias),
+        nn.Flatten(),
+        nn.Linear(5 * 4 * 4, 7),
+    )
+
+
+def bn_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 6),
+        nn.BatchNorm1d(6),
+    )
+
+
+MODELS = {
+    "mlp": (mlp, (12,)),
+    "mlp_nobias": (lambda: mlp(bias=False), (12,)),
+    "cnn": (cnn, (3, 8, 8)),
+    "cnn_nobias": (lambda: cnn(bias=False), (3, 8, 8)),
+    "bn_cnn": (bn_cnn, (3, 8, 8)),
+}
+
+
+def data(shape, n=64, seed=1):
+    """Inputs with a non-zero mean and correlated features, so whitening does something."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *shape, generator=g)
+    mix = torch.randn(shape[0], shape[0], generator=g) / shape[0] ** 0.5
+    x = torch.einsum("ij,nj...->ni...", torch.eye(shape[0]) + mix, x)
+    return x + 0.5 + torch.arange(shape[0]).view(-1, *([1] * (len(shape) - 1))) * 0.1
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def eval_out(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Output in eval mode (BN on running statistics), training mode restored."""
+    mode = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    model.train(mode)
+    return out

@@ -1,0 +1,131 @@
+import pytest
+import torch
+
+from prong_ext import ops, reference
+
+
+def _inputs(layout, c, dtype=torch.float32):
+    x = torch.randn(5, c, 7, 3, dtype=torch.float64) * torch.rand(c, 1, 1, dtype=torch.float64) + 2.0
+    if layout == "rows":
+        x = torch.randn(37, c, dtype=torch.float64) @ torch.randn(c, c, dtype=torch.float64) + 3.0
+    elif layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        x = torch.randn(5, c + 2, 9, 3, dtype=torch.float64)[:, 1:-1, 1:-1:1, :] + 1.0
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("c", [1, 3, 17])
+@pytest.mark.parametrize("layout", ["rows", "contiguous", "channels_last", "sliced"])
+def test_covariance_equals_reference(c, layout):
+    x = _inputs(layout, c)
+    mean, cov, count = ops.covariance(x, backend="torch")
+    ref_mean, ref_cov, ref_count = reference.covariance(x.double())
+    assert count == ref_count
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cov, ref_cov, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_covariance_half_inputs_accumulate_in_float32(dtype):
+    x = _inputs("contiguous", 6, dtype)
+    _, cov, _ = ops.covariance(x)
+    _, ref_cov, _ = reference.covariance(x.double())
+    _, naive_cov, _ = reference.covariance(x, dtype=dtype)  # the same computation in `dtype`
+    err = (cov - ref_cov).norm()
+    assert err <= 2 * (naive_cov.double() - ref_cov).norm() + 1e-7 * ref_cov.norm()
+    assert err / ref_cov.norm() < 1e-6
+
+
+def test_covariance_keeps_accuracy_with_large_mean():
+    x = torch.randn(4096, 5, dtype=torch.float64) * 1e-2 + 1e3
+    _, cov, _ = ops.covariance(x.float())
+    _, ref_cov, _ = reference.covariance(x.float().double())
+    assert ((cov - ref_cov).norm() / ref_cov.norm()).item() < 1e-4
+
+
+def test_accumulator_streaming_equals_one_pass():
+    batches = [_inputs("contiguous", 4) * (i + 1) + i for i in range(3)]
+    acc = ops.CovarianceAccumulator(4)
+    for b in batches:
+        acc.update(b)
+    mean, cov, count = acc.compute()
+    ref_mean, ref_cov, ref_count = reference.covariance(torch.cat(batches).double())
+    assert count == ref_count
+    torch.testing.assert_close(mean, ref_mean)
+    torch.testing.assert_close(cov, ref_cov, rtol=1e-6, atol=1e-6)
+    restored = ops.CovarianceAccumulator(4)
+    restored.load_state_dict(acc.state_dict())
+    torch.testing.assert_close(restored.compute()[1], cov)
+
+
+def test_accumulator_rejects_bad_input():
+    acc = ops.CovarianceAccumulator(3)
+    with pytest.raises(ValueError, match=r"\(N, 3, \*\)"):
+        acc.update(torch.randn(4, 5))
+    with pytest.raises(TypeError, match="floating"):
+        acc.update(torch.ones(4, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="no samples"):
+        acc.compute()
+
+
+def _spd(n, rank=None, scale=1.0):
+    a = torch.randn(n, rank or n, dtype=torch.float64)
+    return a @ a.T * scale / n
+
+
+def test_batched_eigh_mixed_sizes_equals_loop():
+    mats = [_spd(n) for n in (1, 4, 7, 4, 12, 1)]
+    values, vectors = ops.batched_eigh(mats, backend="torch")
+    ref_values, _ = reference.batched_eigh(mats)
+    for m, lam, q, ref in zip(mats, values, vectors, ref_values):
+        torch.testing.assert_close(lam, ref)
+        torch.testing.assert_close(q @ torch.diag(lam) @ q.T, m)
+        torch.testing.assert_close(q.T @ q, torch.eye(len(lam), dtype=q.dtype))
+
+
+def test_batched_eigh_names_non_finite_matrices():
+    mats = [_spd(3), _spd(2), _spd(3)]
+    mats[2][1, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"\[2\]"):
+        ops.batched_eigh(mats, backend="torch")
+    with pytest.raises(ValueError, match="square"):
+        ops.batched_eigh([torch.randn(2, 3)], backend="torch")
+
+
+@pytest.mark.parametrize("kind", ["pca", "zca"])
+def test_whitening_decorrelates(kind):
+    eps = 1e-2
+    x = torch.randn(500, 6, dtype=torch.float64) @ torch.randn(6, 6, dtype=torch.float64) + 4.0
+    mean, cov, _ = reference.covariance(x)
+    (u,), (u_inv,) = ops.whitening([cov], eps, kind, backend="torch")
+    lam, q = torch.linalg.eigh(cov)
+    white = (x - mean) @ u.T
+    white_cov = white.T @ white / len(x)
+    if kind == "pca":
+        expected = torch.diag(lam / (lam + eps))
+    else:
+        expected = q @ torch.diag(lam / (lam + eps)) @ q.T
+    assert (white_cov - expected).abs().max().item() < 1e-6
+    torch.testing.assert_close(u @ u_inv, torch.eye(6, dtype=torch.float64))
+    ref_u, ref_u_inv = reference.whitening([cov], eps, kind)
+    torch.testing.assert_close(u_inv @ u, ref_u_inv[0] @ ref_u[0])
+
+
+def test_whitening_rank_deficient_is_finite():
+    covs = [_spd(8, rank=3), torch.zeros(4, 4, dtype=torch.float64), _spd(5, scale=-1e-18)]
+    us, u_invs = ops.whitening(covs, 1e-3)
+    for u, u_inv in zip(us, u_invs):
+        assert torch.isfinite(u).all() and torch.isfinite(u_inv).all()
+        assert (torch.linalg.matrix_norm(u, 2) <= 1e-3 ** -0.5 * (1 + 1e-9)).item()
+
+
+@pytest.mark.parametrize("eps", [0.0, -1.0, float("nan"), float("inf")])
+def test_whitening_rejects_bad_eps(eps):
+    with pytest.raises(ValueError, match="eps"):
+        ops.whitening([torch.eye(2)], eps)
+
+
+def test_whitening_rejects_bad_kind():
+    with pytest.raises(ValueError, match="kind"):
+        ops.whitening([torch.eye(2)], 0.1, "cholesky")
