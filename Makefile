@@ -1,0 +1,40 @@
+# prong_ext developer commands. Every target creates .venv (torch 2.13.0 CPU) when it is missing.
+PYTHON3 ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.deps-installed
+
+.PHONY: build test demo compile-check wheel bench lint clean
+
+$(STAMP): requirements-dev.txt
+	test -x $(PY) || $(PYTHON3) -m venv $(VENV)
+	$(PIP) install -q -U pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -r requirements-dev.txt
+	touch $@
+
+# Editable install; builds the compiled extension prong_ext._C (CPU-only with this torch).
+build: $(STAMP)
+	$(PIP) install -q --no-build-isolation -e .
+
+test: build
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+# The main job on the embedded default (scikit-learn's digits).
+demo: build
+	$(PY) -m prong_ext autoencoder
+
+# Compiles every Triton kernel for sm_80 and sm_90 without a GPU.
+compile-check: build
+	env -u TRITON_INTERPRET $(PY) -m prong_ext.triton_kernels.compile_check
+
+# The CUDA wheel (torch 2.14.1 CUDA venv in .venv-cuda), checked for sm_80 and sm_90 code.
+wheel:
+	bash scripts/build_wheel.sh
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check prong_ext triton_kernels tests benchmarks setup.py
+
+clean:
+	rm -rf build dist *.egg-info prong_ext/_C*.so .pytest_cache
