@@ -12,9 +12,7 @@ __all__ = ["unwhiten", "whiten"]
 
 def _whitened_twin(layer: nn.Module) -> nn.Module | None:
     if type(layer) is nn.Linear:
-        twin = WhitenedLinear(
-            layer.in_features, layer.out_features, layer.bias is not None, device="meta"
-        )
+        twin = WhitenedLinear(layer.in_features, layer.out_features, layer.bias is not None, device="meta")
     elif type(layer) is nn.Conv2d and layer.groups == 1:
         twin = WhitenedConv2d(
             layer.in_channels,

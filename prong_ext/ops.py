@@ -96,9 +96,7 @@ class CovarianceAccumulator:
         backend: "auto", "torch" or "triton".
     """
 
-    def __init__(
-        self, num_features: int, *, dtype: torch.dtype = torch.float32, backend: str = "auto"
-    ):
+    def __init__(self, num_features: int, *, dtype: torch.dtype = torch.float32, backend: str = "auto"):
         _check_backend(backend, ("auto", "torch", "triton"), "CovarianceAccumulator")
         if num_features < 1:
             raise ValueError(f"{num_features=} must be >= 1")
@@ -115,9 +113,7 @@ class CovarianceAccumulator:
     def update(self, x: torch.Tensor) -> None:
         """Merges a batch. x: (N, C, *) with C = num_features; every position is a sample."""
         if x.dim() < 2 or x.shape[1] != self.num_features:
-            raise ValueError(
-                f"expected an input of shape (N, {self.num_features}, *), got {tuple(x.shape)}"
-            )
+            raise ValueError(f"expected an input of shape (N, {self.num_features}, *), got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"expected a floating point input, got {x.dtype}")
         if x.numel() == 0:

@@ -219,9 +219,7 @@ class Prong:
 
             return hook
 
-        return [
-            m.register_forward_pre_hook(make_hook(n, m)) for n, m in self.layers.items()
-        ]
+        return [m.register_forward_pre_hook(make_hook(n, m)) for n, m in self.layers.items()]
 
     def _open_window(self) -> None:
         self._window = self._new_accumulators()
@@ -276,7 +274,8 @@ class Prong:
                     x = batch[0] if isinstance(batch, (tuple, list)) else batch
                     if not isinstance(x, torch.Tensor):
                         raise TypeError(
-                            f"data must yield tensors or tuples whose first element is a tensor, got {type(x)}"
+                            "data must yield tensors or tuples whose first element is a "
+                            f"tensor, got {type(x)}"
                         )
                     x = x[: self.num_samples - passed]
                     if device is not None and x.device != device:
@@ -329,8 +328,7 @@ class Prong:
             mats.append(cov)
         if missing:
             warnings.warn(
-                f"no statistics for layer(s) {missing} (no input reached them); "
-                "they keep their whitening",
+                f"no statistics for layer(s) {missing} (no input reached them); they keep their whitening",
                 stacklevel=3,
             )
         bad = [n for n, m, s in zip(names, means, mats) if not (m.isfinite().all() and s.isfinite().all())]
@@ -361,9 +359,7 @@ class Prong:
             raise ValueError(
                 f"re-whitening gave non-finite parameters for layer(s) {bad}; no layer was changed"
             )
-        moments = [
-            self._transform_moments(self.layers[n], new, old) for n, (new, old) in zip(names, updates)
-        ]
+        moments = [self._transform_moments(self.layers[n], new, old) for n, (new, old) in zip(names, updates)]
         with torch.no_grad():
             for name, (new, _), moment in zip(names, updates, moments):
                 layer = self.layers[name]

@@ -117,7 +117,7 @@ def test_whitening_rank_deficient_is_finite():
     us, u_invs = ops.whitening(covs, 1e-3)
     for u, u_inv in zip(us, u_invs):
         assert torch.isfinite(u).all() and torch.isfinite(u_inv).all()
-        assert (torch.linalg.matrix_norm(u, 2) <= 1e-3 ** -0.5 * (1 + 1e-9)).item()
+        assert (torch.linalg.matrix_norm(u, 2) <= 1e-3**-0.5 * (1 + 1e-9)).item()
 
 
 @pytest.mark.parametrize("eps", [0.0, -1.0, float("nan"), float("inf")])

@@ -92,7 +92,11 @@ def test_transform_keeps_momentum_direction_in_canonical_coordinates(opt_name):
     model, shape = _whitened("cnn")
     x = data(shape, n=64)
     params = model.parameters()
-    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9) if opt_name == "sgd" else torch.optim.Adam(params, lr=1e-3)
+    opt = (
+        torch.optim.SGD(params, lr=0.01, momentum=0.9)
+        if opt_name == "sgd"
+        else torch.optim.Adam(params, lr=1e-3)
+    )
     key = "momentum_buffer" if opt_name == "sgd" else "exp_avg"
     prong = Prong(model, opt, interval=1000, num_samples=64)
     prong.reparametrize(x)  # U != I and c != 0 before the reparametrization under test
@@ -216,8 +220,14 @@ def test_state_dict_round_trip_keeps_partial_statistics():
 
 def test_bad_configuration_and_inputs():
     model, shape = _whitened("mlp")
-    for kwargs in ({"interval": 0}, {"num_samples": 0}, {"eps": 0.0}, {"whitening": "svd"},
-                   {"optimizer_state": "drop"}, {"max_features": 0}):
+    for kwargs in (
+        {"interval": 0},
+        {"num_samples": 0},
+        {"eps": 0.0},
+        {"whitening": "svd"},
+        {"optimizer_state": "drop"},
+        {"max_features": 0},
+    ):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             Prong(model, **kwargs)
     with pytest.raises(ValueError, match="no whitened layer"):
