@@ -1,0 +1,228 @@
+"""The Triton kernels of prong_ext as torch.library ops, with fakes and autograd.
+
+    prong_ext::cov_accumulate(Tensor x, Tensor shift, Tensor(a!) s1, Tensor(b!) s2,
+                              bool allow_tf32=False) -> ()
+    prong_ext::fold(Tensor V, Tensor? d, Tensor U, Tensor c) -> (Tensor, Tensor)
+    prong_ext::fold_backward(Tensor gW, Tensor gb, Tensor U, Tensor c) -> (Tensor, Tensor)
+
+With compiled Triton (the normal case) the ops are `torch.library.triton_op`s: CUDA tensors launch
+the kernels through `wrap_triton`, so torch.compile sees the kernels themselves; tensors on other
+devices take a plain torch path. Under the Triton interpreter (TRITON_INTERPRET=1, kernels run on
+CPU tensors) they are `torch.library.custom_op`s calling the launchers, with explicit fakes.
+
+Registration is fragment-style only: the C++ extension may define other ops of the namespace.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import Tensor
+from triton.runtime.jit import JITFunction
+
+from .triton_kernels.covariance import _cov_accum_kernel, cov_accumulate_launch
+from .triton_kernels.whiten_conv import (
+    _fold_bwd_kernel,
+    _fold_kernel,
+    fold_weights_backward_launch,
+    fold_weights_launch,
+)
+
+__all__ = ["cov_accumulate", "fold", "fold_backward", "INTERPRETED"]
+
+#: True when the kernels were defined under TRITON_INTERPRET=1 (they then run on CPU tensors).
+INTERPRETED = not isinstance(_fold_kernel, JITFunction)
+
+_COV_SCHEMA = "(Tensor x, Tensor shift, Tensor(a!) s1, Tensor(b!) s2, bool allow_tf32=False) -> ()"
+_FOLD_SCHEMA = "(Tensor V, Tensor? d, Tensor U, Tensor c) -> (Tensor, Tensor)"
+_FOLD_BWD_SCHEMA = "(Tensor gW, Tensor gb, Tensor U, Tensor c) -> (Tensor, Tensor)"
+
+
+# --- plain torch, for devices Triton does not run on -------------------------------------------
+
+
+def _acc_dtype(*ts: Tensor | None) -> torch.dtype:
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+def _cov_torch(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor) -> None:
+    rows = x.movedim(1, -1).reshape(-1, x.shape[1]) if x.dim() == 4 else x
+    y = rows.to(torch.float32) - shift
+    s1.add_(y.sum(0))
+    s2.add_(y.T @ y)
+
+
+def _fold_torch(V: Tensor, d: Tensor | None, U: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    acc = _acc_dtype(V, d, U, c)
+    W = torch.einsum("oj...,ji->oi...", V.to(acc), U.to(acc))
+    b = -(V.to(acc).flatten(2).sum(2) if V.dim() == 4 else V.to(acc)) @ (U.to(acc) @ c.to(acc))
+    if d is not None:
+        b = b + d.to(acc)
+    return W.to(V.dtype).contiguous(), b.to(V.dtype)
+
+
+def _fold_backward_torch(gW: Tensor, gb: Tensor, U: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    acc = _acc_dtype(gW, gb, U, c)
+    shape = (-1, 1, 1, 1) if gW.dim() == 4 else (-1, 1)
+    cc = c.to(acc).reshape((1, -1) + (1,) * (gW.dim() - 2))
+    a = gW.to(acc) - gb.to(acc).reshape(shape) * cc
+    gV = torch.einsum("oi...,ji->oj...", a, U.to(acc))
+    return gV.to(gW.dtype).contiguous(), gb.clone()
+
+
+# --- the op bodies ----------------------------------------------------------------------------
+
+
+def _launch(kernel, grid, kwargs) -> None:
+    if INTERPRETED:
+        kernel[grid](**kwargs)
+    else:
+        torch.library.wrap_triton(kernel)[grid](**kwargs)
+
+
+def _runs_triton(t: Tensor) -> bool:
+    return t.is_cuda or INTERPRETED
+
+
+def _cov_accumulate_impl(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor, allow_tf32: bool = False) -> None:
+    launch = cov_accumulate_launch(x, shift, s1, s2, allow_tf32=allow_tf32)
+    if launch is None:
+        return
+    if not _runs_triton(x):
+        _cov_torch(x, shift, s1, s2)
+        return
+    _launch(_cov_accum_kernel, *launch)
+
+
+def _fold_impl(V: Tensor, d: Tensor | None, U: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    W = torch.empty(V.shape, dtype=V.dtype, device=V.device)
+    b = torch.empty(V.shape[0], dtype=V.dtype, device=V.device)
+    launch = fold_weights_launch(V, d, U, c, W, b)  # validates
+    if not _runs_triton(V):
+        return _fold_torch(V, d, U, c)
+    if launch is not None:
+        _launch(_fold_kernel, *launch)
+    return W, b
+
+
+def _fold_backward_impl(gW: Tensor, gb: Tensor, U: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    gV = torch.empty(gW.shape, dtype=gW.dtype, device=gW.device)
+    gd = torch.empty(gb.shape, dtype=gb.dtype, device=gb.device)
+    launch = fold_weights_backward_launch(gW, gb, U, c, gV, gd)  # validates
+    if not _runs_triton(gW) or launch is None:
+        return _fold_backward_torch(gW, gb, U, c)
+    _launch(_fold_bwd_kernel, *launch)
+    return gV, gd
+
+
+def _cov_accumulate_fake(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor, allow_tf32: bool = False) -> None:
+    return None
+
+
+def _fold_fake(V: Tensor, d: Tensor | None, U: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    return V.new_empty(V.shape), V.new_empty(V.shape[0])
+
+
+def _fold_backward_fake(gW: Tensor, gb: Tensor, U: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    return gW.new_empty(gW.shape), gb.new_empty(gb.shape)
+
+
+# --- registration -----------------------------------------------------------------------------
+
+
+def _alias_free(schema: str) -> str:
+    return re.sub(r"\(\w+!\)", "(!)", schema)
+
+
+def _register(name: str, impl, fake, schema: str, mutates_args: tuple[str, ...]):
+    qualname = f"prong_ext::{name}"
+    if INTERPRETED:
+        op = torch.library.custom_op(qualname, impl, mutates_args=mutates_args, schema=schema)
+        op.register_fake(fake)
+    else:
+        # triton_op infers the schema from the annotations (it takes no schema argument); its fake
+        # is the body itself, traced with wrap_triton. Check the inferred schema is the one we publish.
+        op = torch.library.triton_op(qualname, impl, mutates_args=mutates_args)
+        inferred = "(" + str(op._opoverload._schema).split("(", 1)[1]
+        if _alias_free(inferred) != _alias_free(schema):
+            raise AssertionError(f"{qualname}: inferred schema {inferred} differs from {schema}")
+    return op
+
+
+_cov_op = _register("cov_accumulate", _cov_accumulate_impl, _cov_accumulate_fake, _COV_SCHEMA, ("s1", "s2"))
+_fold_op = _register("fold", _fold_impl, _fold_fake, _FOLD_SCHEMA, ())
+_fold_bwd_op = _register("fold_backward", _fold_backward_impl, _fold_backward_fake, _FOLD_BWD_SCHEMA, ())
+
+
+def _fold_setup_context(ctx, inputs, output) -> None:
+    V, d, U, c = inputs
+    ctx.save_for_backward(U, c)
+    ctx.has_d = d is not None
+    ctx.v_meta = (V.shape, V.dtype, V.device)
+
+
+def _fold_autograd(ctx, gW: Tensor | None, gb: Tensor | None):
+    U, c = ctx.saved_tensors
+    shape, dtype, device = ctx.v_meta
+    if gW is None:
+        gW = torch.zeros(shape, dtype=dtype, device=device)
+    if gb is None:
+        gb = torch.zeros(shape[0], dtype=dtype, device=device)
+    gV, gd = torch.ops.prong_ext.fold_backward(gW, gb, U, c)
+    return gV, (gd if ctx.has_d else None), None, None
+
+
+def _fold_backward_setup_context(ctx, inputs, output) -> None:
+    gW, gb, U, c = inputs
+    ctx.save_for_backward(U, c)
+    ctx.g_meta = (gW.shape, gW.dtype, gW.device)
+
+
+def _fold_backward_autograd(ctx, ggV: Tensor | None, ggd: Tensor | None):
+    # (gV, gd) = fold_backward(gW, gb) is linear; its adjoint is fold: (ggW, ggb) = fold(ggV, ggd).
+    U, c = ctx.saved_tensors
+    shape, dtype, device = ctx.g_meta
+    if ggV is None:
+        ggV = torch.zeros(shape, dtype=dtype, device=device)
+    ggW, ggb = torch.ops.prong_ext.fold(ggV, ggd, U, c)
+    return ggW, ggb, None, None
+
+
+_fold_op.register_autograd(_fold_autograd, setup_context=_fold_setup_context)
+_fold_bwd_op.register_autograd(_fold_backward_autograd, setup_context=_fold_backward_setup_context)
+
+
+# --- public functions -------------------------------------------------------------------------
+
+
+def cov_accumulate(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor, *, allow_tf32: bool = False) -> None:
+    """s1 += sum_r (x_r - shift), s2 += sum_r (x_r - shift)(x_r - shift)^T, in place.
+
+    Args:
+        x: (M, C) or (N, C, H, W) (rows: every spatial position of every image), any strides;
+            float32, float16 or bfloat16.
+        shift: (C,) float32. s1: (C,) float32. s2: (C, C) float32, symmetric.
+        allow_tf32: TF32 products on CUDA (float32 accumulation either way).
+    """
+    torch.ops.prong_ext.cov_accumulate(x, shift, s1, s2, allow_tf32)
+
+
+def fold(V: Tensor, d: Tensor | None, U: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """Canonical weights of a whitened layer: W = V U per tap, b = d - sum_{i, taps} W[:, i] c[i].
+
+    Differentiable in V and d (U and c are statistics buffers: they get no gradient). A whitened
+    conv is `F.conv2d(x, *fold(V, d, U, c), stride, padding, dilation)`.
+
+    Args:
+        V: (O, I) or (O, I, kh, kw). d: (O,) or None. U: (I, I). c: (I,).
+
+    Returns:
+        W (V's shape, contiguous, V's dtype) and b ((O,), V's dtype).
+    """
+    return torch.ops.prong_ext.fold(V, d, U, c)
+
+
+def fold_backward(gW: Tensor, gb: Tensor, U: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """gV[o, j, t] = sum_i (gW[o, i, t] - gb[o] c[i]) U[j, i] and gd = gb (a copy)."""
+    return torch.ops.prong_ext.fold_backward(gW, gb, U, c)

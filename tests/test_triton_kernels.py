@@ -1,0 +1,501 @@
+"""The Triton kernels (covariance accumulation, weight fold) and their ops, against float64 torch.
+
+On the CPU the kernels run through the Triton interpreter (TRITON_INTERPRET=1, set by conftest);
+with `TRITON_INTERPRET=0` on a GPU machine the `cuda` cases run the compiled kernels.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from prong_ext import _triton_ops as ops
+from prong_ext.triton_kernels.covariance import (
+    _cov_accum_kernel,
+    cov_accumulate,
+    cov_accumulate_launch,
+    covariance,
+    finalize,
+)
+from prong_ext.triton_kernels.whiten_conv import (
+    _fold_bwd_kernel,
+    _fold_kernel,
+    fold_weights,
+    fold_weights_backward,
+    fold_weights_backward_launch,
+    fold_weights_launch,
+)
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def device(request):
+    if request.param == "cpu" and not ops.INTERPRETED:
+        pytest.skip("CPU tensors run the kernels only under TRITON_INTERPRET=1")
+    if request.param == "cuda" and ops.INTERPRETED:
+        pytest.skip("run with TRITON_INTERPRET=0 to test the compiled kernels")
+    return request.param
+
+
+# --- float64 references ------------------------------------------------------------------------
+
+
+def rows64(x):
+    """(M, C) float64 rows of an (M, C) or (N, C, H, W) input."""
+    x = x.double()
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]) if x.dim() == 4 else x
+
+
+def shifted_sums64(x, shift):
+    y = rows64(x) - shift.double()
+    return y.sum(0), y.T @ y
+
+
+def fold64(V, d, U, c):
+    V, U, c = V.double(), U.double(), c.double()
+    W = torch.einsum("oj...,ji->oi...", V, U)
+    b = -torch.einsum("oi...,i->o", W, c)
+    if d is not None:
+        b = b + d.double()
+    return W, b
+
+
+def fold_backward64(gW, gb, U, c):
+    gW, gb, U, c = gW.double(), gb.double(), U.double(), c.double()
+    cc = c.reshape((1, -1) + (1,) * (gW.dim() - 2))
+    a = gW - gb.reshape((-1,) + (1,) * (gW.dim() - 1)) * cc
+    return torch.einsum("oi...,ji->oj...", a, U), gb
+
+
+def rel_err(got, want):
+    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+
+def make_x(layout, C, rows, dtype=torch.float32, device="cpu", mean=0.5):
+    """Input with `rows` rows (not a multiple of the blocks) in the given layout."""
+    if layout == "2d":
+        x = torch.randn(rows, C, dtype=torch.float64) + mean
+    elif layout == "2d_sliced":  # every other row and a column offset: strides (2 * (C + 3), 1)
+        x = (torch.randn(2 * rows, C + 3, dtype=torch.float64) + mean)[::2, 3:]
+    else:
+        n, h, w = rows_to_nhw(rows)
+        x = torch.randn(n, C, h, w, dtype=torch.float64) + mean
+        if layout == "channels_last":
+            x = x.to(memory_format=torch.channels_last)
+        elif layout == "nchw_sliced":  # spatial and batch slicing: no dims merge
+            x = (torch.randn(2 * n, C, h + 2, 2 * w, dtype=torch.float64) + mean)[::2, :, 1:-1, ::2]
+    return x.to(dtype=dtype, device=device)
+
+
+def rows_to_nhw(rows):
+    """(N, H, W) with about `rows` positions: 37 -> 36 (3 x 3 x 4), 21, 45; others (1, 1, rows)."""
+    return {37: (3, 3, 4), 21: (3, 7, 1), 45: (5, 3, 3)}.get(rows, (1, 1, rows))
+
+
+def sym(C, device="cpu"):
+    a = torch.randn(C, C, device=device)
+    return a + a.T
+
+
+# --- covariance --------------------------------------------------------------------------------
+
+LAYOUTS = ["2d", "2d_sliced", "nchw", "channels_last", "nchw_sliced"]
+
+
+def launch_cov(x, shift, s1, s2, **kw):
+    launch = cov_accumulate_launch(x, shift, s1, s2, **kw)
+    grid, kwargs = launch
+    _cov_accum_kernel[grid](**kwargs)
+    return grid
+
+
+@pytest.mark.parametrize("C", [1, 3, 17, 123, 257])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cov_accumulate_matches_float64(device, C, layout):
+    rows = 21 if C == 257 else 45 if C == 123 else 37
+    x = make_x(layout, C, rows, device=device)
+    shift = torch.randn(C, device=device) * 0.1 + 0.5
+    s1, s2 = torch.randn(C, device=device), sym(C, device)  # accumulates onto what is there
+    e1, e2 = shifted_sums64(x, shift)
+    e1, e2 = e1 + s1.double(), e2 + s2.double()
+    cov_accumulate(x, shift, s1, s2)
+    torch.testing.assert_close(s1.double(), e1, rtol=1e-5, atol=1e-5 * rows)
+    torch.testing.assert_close(s2.double(), e2, rtol=1e-5, atol=1e-5 * rows)
+    if device == "cpu":  # one row split: bit-for-bit symmetric
+        assert torch.equal(s2, s2.T)
+
+
+@pytest.mark.parametrize(
+    ("C", "layout", "block_c", "splits"),
+    [(3, "2d", 16, 3), (17, "nchw", 16, 2), (40, "channels_last", 16, 3), (123, "2d_sliced", 32, 3)],
+)
+def test_cov_accumulate_tiles_and_row_splits(C, layout, block_c, splits):
+    """Several upper tiles, their mirrors and the atomic path of several row splits."""
+    if not ops.INTERPRETED:
+        pytest.skip("interpreter test")
+    x = make_x(layout, C, 37 if layout != "2d_sliced" else 45)
+    shift = rows64(x)[0].float()
+    s1, s2 = torch.randn(C), sym(C)
+    e1, e2 = shifted_sums64(x, shift)
+    e1, e2 = e1 + s1.double(), e2 + s2.double()
+    grid = launch_cov(x, shift, s1, s2, block_r=16, block_c=block_c, num_splits=splits)
+    n_col = -(-C // block_c)
+    assert grid == (n_col * (n_col + 1) // 2, splits)
+    torch.testing.assert_close(s1.double(), e1, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(s2.double(), e2, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(s2, s2.T, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["2d", "channels_last", "nchw_sliced"])
+def test_cov_accumulate_half_precision(device, dtype, layout):
+    """Error against float64 at most 2x that of the same computation in plain torch at `dtype`."""
+    C = 17
+    x = make_x(layout, C, 37, dtype=dtype, device=device, mean=2.0)
+    shift = rows64(x)[0].float()
+    s1, s2 = torch.zeros(C, device=device), torch.zeros(C, C, device=device)
+    cov_accumulate(x, shift, s1, s2)
+    e1, e2 = shifted_sums64(x, shift)
+    y = rows64(x).to(dtype) - shift.to(dtype)  # plain torch at dtype
+    t1, t2 = y.sum(0), y.T @ y
+    assert rel_err(s1, e1) <= 2 * rel_err(t1, e1) + 1e-6
+    assert rel_err(s2, e2) <= 2 * rel_err(t2, e2) + 1e-6
+    assert rel_err(s2, e2) < 1e-5  # the kernel accumulates in float32
+
+
+def test_cov_accumulate_tf32_flag(device):
+    C = 33
+    x = make_x("channels_last", C, 37, device=device)
+    shift = rows64(x)[0].float()
+    s1, s2 = torch.zeros(C, device=device), torch.zeros(C, C, device=device)
+    cov_accumulate(x, shift, s1, s2, allow_tf32=True)
+    _, e2 = shifted_sums64(x, shift)
+    assert rel_err(s2, e2) < 3e-3
+    assert torch.isfinite(s2).all()
+
+
+def test_covariance_large_mean_keeps_relative_accuracy(device):
+    """Mean 1e3, std 1e-2: the shift keeps cov accurate where E[xx^T] - mu mu^T in float32 fails."""
+    x = (1e3 + 1e-2 * torch.randn(300, 5, dtype=torch.float64)).float().to(device)
+    mean, cov, count = covariance(x)
+    assert count == 300
+    x64 = x.double()
+    want = torch.cov(x64.T, correction=0)
+    assert rel_err(cov, want) < 1e-4
+    torch.testing.assert_close(mean.double(), x64.mean(0), rtol=1e-7, atol=0)
+    naive = x.T @ x / 300 - torch.outer(x.mean(0), x.mean(0))
+    assert rel_err(naive, want) > 1e-2  # the test can tell a centered update from a naive one
+
+
+@pytest.mark.parametrize("layout", ["2d", "channels_last"])
+def test_cov_accumulate_streaming_equals_one_pass(device, layout):
+    C = 19
+    chunks = [make_x(layout, C, rows, device=device, mean=3.0) for rows in (37, 21, 45)]
+    shift = rows64(chunks[0])[0].float()  # the first row of the first batch
+    s1, s2 = torch.zeros(C, device=device), torch.zeros(C, C, device=device)
+    for x in chunks:
+        cov_accumulate(x, shift, s1, s2)
+    count = sum(rows64(x).shape[0] for x in chunks)
+    mean, cov = finalize(count, shift, s1, s2)
+    whole = torch.cat([rows64(x) for x in chunks]).float()
+    mean1, cov1, count1 = covariance(whole)
+    assert count1 == count
+    torch.testing.assert_close(cov, cov1, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mean, mean1, rtol=1e-6, atol=1e-6)
+    want = torch.cov(whole.double().T, correction=0)
+    assert rel_err(cov, want) < 1e-5
+    torch.testing.assert_close(mean.double(), whole.double().mean(0), rtol=1e-6, atol=1e-6)
+
+
+def test_cov_accumulate_without_rows_is_a_no_op(device):
+    s1, s2 = torch.randn(3, device=device), sym(3, device)
+    s1_0, s2_0 = s1.clone(), s2.clone()
+    cov_accumulate(torch.empty(0, 3, device=device), torch.zeros(3, device=device), s1, s2)
+    ops.cov_accumulate(torch.empty(2, 3, 0, 4, device=device), torch.zeros(3, device=device), s1, s2)
+    assert torch.equal(s1, s1_0) and torch.equal(s2, s2_0)
+
+
+def test_cov_accumulate_rejects_bad_arguments():
+    x = torch.randn(5, 3)
+    s1, s2 = torch.zeros(3), torch.zeros(3, 3)
+    with pytest.raises(ValueError, match="shift"):
+        cov_accumulate(x, torch.zeros(4), s1, s2)
+    with pytest.raises(TypeError, match="s2"):
+        cov_accumulate(x, torch.zeros(3), s1, s2.double())
+    with pytest.raises(TypeError, match="x must be"):
+        cov_accumulate(x.double(), torch.zeros(3), s1, s2)
+    with pytest.raises(ValueError, match="x must be"):
+        cov_accumulate(torch.randn(2, 3, 4), torch.zeros(3), s1, s2)
+
+
+# --- fold --------------------------------------------------------------------------------------
+
+FOLD_SHAPES = [(5, 1), (4, 3, 3, 3), (6, 17, 2, 3), (3, 123), (2, 257, 1, 1)]
+
+
+def make_fold_inputs(shape, layout, dtype, device, uc_dtype=torch.float32):
+    O, I = shape[:2]
+    if layout == "contiguous":
+        V = torch.randn(shape, dtype=dtype, device=device)
+    elif layout == "channels_last" and len(shape) == 4:
+        V = torch.randn(shape, dtype=dtype, device=device).to(memory_format=torch.channels_last)
+    else:  # a sliced view: every other output channel, input channels offset
+        big = torch.randn((2 * O, I + 2) + tuple(shape[2:]), dtype=dtype, device=device)
+        V = big[::2, 2:]
+    U = torch.randn(I, I, dtype=uc_dtype, device=device).T / I**0.5  # a transposed view
+    c = torch.randn(2 * I, dtype=uc_dtype, device=device)[::2] + 1.0  # strided
+    d = torch.randn(O, dtype=dtype, device=device)
+    return V, d, U, c
+
+
+def poisoned_fold(V, d, U, c):
+    W = torch.full(V.shape, float("nan"), dtype=V.dtype, device=V.device)
+    b = torch.full((V.shape[0],), float("nan"), dtype=V.dtype, device=V.device)
+    grid, kwargs = fold_weights_launch(V, d, U, c, W, b)
+    _fold_kernel[grid](**kwargs)
+    return W, b
+
+
+def poisoned_fold_backward(gW, gb, U, c):
+    gV = torch.full(gW.shape, float("nan"), dtype=gW.dtype, device=gW.device)
+    gd = torch.full(gb.shape, float("nan"), dtype=gb.dtype, device=gb.device)
+    grid, kwargs = fold_weights_backward_launch(gW, gb, U, c, gV, gd)
+    _fold_bwd_kernel[grid](**kwargs)
+    return gV, gd
+
+
+FOLD_CASES = [
+    (shape, layout, has_d)
+    for shape in FOLD_SHAPES
+    for layout in ("contiguous", "channels_last", "sliced")
+    for has_d in (True, False)
+    if (layout != "channels_last" or len(shape) == 4) and (has_d or layout == "sliced")
+]
+
+
+@pytest.mark.parametrize(("shape", "layout", "has_d"), FOLD_CASES, ids=str)
+def test_fold_matches_float64(device, shape, layout, has_d):
+    V, d, U, c = make_fold_inputs(shape, layout, torch.float32, device)
+    d = d if has_d else None
+    W, b = poisoned_fold(V, d, U, c)
+    eW, eb = fold64(V, d, U, c)
+    assert W.shape == V.shape and W.is_contiguous() and b.shape == (V.shape[0],)
+    torch.testing.assert_close(W.double(), eW, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.double(), eb, rtol=1e-5, atol=1e-4)
+    W2, b2 = fold_weights(V, d, U, c)
+    assert torch.equal(W, W2) and torch.equal(b, b2)
+
+
+@pytest.mark.parametrize("shape", FOLD_SHAPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "sliced"])
+def test_fold_backward_matches_float64(device, shape, layout):
+    gW, gb, U, c = make_fold_inputs(shape, layout, torch.float32, device)
+    gV, gd = poisoned_fold_backward(gW, gb, U, c)
+    egV, egd = fold_backward64(gW, gb, U, c)
+    assert gV.shape == gW.shape and gV.is_contiguous()
+    torch.testing.assert_close(gV.double(), egV, rtol=1e-5, atol=1e-4)
+    assert torch.equal(gd, gb)
+    gV2, gd2 = fold_weights_backward(gW, gb, U, c)
+    assert torch.equal(gV, gV2) and torch.equal(gd, gd2)
+
+
+def assert_one_rounding(got, want64):
+    """got is want64 rounded once to got's dtype: within one ulp (plus float32 accumulation noise)."""
+    want = want64.double()
+    ulp = torch.finfo(got.dtype).eps * torch.exp2(torch.floor(torch.log2(want.abs().clamp_min(1e-30))))
+    slack = 1e-6 * want.abs().max()
+    assert ((got.double() - want).abs() <= ulp + slack).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("uc_dtype", [torch.float32, "same"])
+@pytest.mark.parametrize("shape", [(6, 17, 2, 3), (3, 40)], ids=str)
+def test_fold_half_precision(device, dtype, uc_dtype, shape):
+    """Float32 accumulation, one rounding to dtype, and the error against float64 at most 2x that
+    of the same computation in plain torch at dtype.
+
+    The interpreter converts float32 to bfloat16 by truncation (the GPU rounds to nearest even), so
+    there bfloat16 is held to the one-rounding bound only.
+    """
+    uc_dtype = dtype if uc_dtype == "same" else uc_dtype
+    V, d, U, c = make_fold_inputs(shape, "sliced", dtype, device, uc_dtype)
+    W, b = poisoned_fold(V, d, U, c)
+    assert W.dtype == dtype and b.dtype == dtype
+    eW, eb = fold64(V, d, U, c)
+    assert_one_rounding(W, eW)
+    assert_one_rounding(b, eb)
+    gV, gd = poisoned_fold_backward(V, d, U, c)
+    egV, _ = fold_backward64(V, d, U, c)
+    assert gV.dtype == dtype and torch.equal(gd, d)
+    assert_one_rounding(gV, egV)
+    if ops.INTERPRETED and dtype == torch.bfloat16:
+        return
+    tW = torch.einsum("oj...,ji->oi...", V, U.to(dtype))  # plain torch at dtype
+    tb = d - torch.einsum("oi...,i->o", tW, c.to(dtype))
+    cc = c.to(dtype).reshape((1, -1) + (1,) * (V.dim() - 2))
+    tgV = torch.einsum("oi...,ji->oj...", V - d.reshape((-1,) + (1,) * (V.dim() - 1)) * cc, U.to(dtype))
+    assert rel_err(W, eW) <= 2 * rel_err(tW, eW) + 1e-6
+    assert rel_err(b, eb) <= 2 * rel_err(tb, eb) + 1e-6
+    assert rel_err(gV, egV) <= 2 * rel_err(tgV, egV) + 1e-6
+
+
+def test_fold_float64_accumulates_in_float64(device):
+    V, d, U, c = make_fold_inputs((4, 9, 2, 2), "sliced", torch.float64, device, torch.float64)
+    W, b = poisoned_fold(V, d, U, c)
+    eW, eb = fold64(V, d, U, c)
+    torch.testing.assert_close(W, eW, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(b, eb, rtol=1e-12, atol=1e-12)
+
+
+def test_fold_rejects_bad_arguments():
+    V, U, c = torch.randn(4, 3, 3, 3), torch.randn(3, 3), torch.randn(3)
+    with pytest.raises(ValueError, match="U must"):
+        fold_weights(V, None, torch.randn(4, 4), c)
+    with pytest.raises(ValueError, match="c must"):
+        fold_weights(V, None, U, torch.randn(4))
+    with pytest.raises(ValueError, match="d must"):
+        fold_weights(V, torch.randn(3), U, c)
+    with pytest.raises(ValueError, match="V must"):
+        fold_weights(torch.randn(4, 3, 3), None, U, c)
+    with pytest.raises(TypeError, match="V must"):
+        fold_weights(V.int(), None, U, c)
+
+
+# --- ops: opcheck, autograd, the whitened conv, torch.compile ----------------------------------
+
+
+def test_op_schemas():
+    assert str(torch.ops.prong_ext.fold.default._schema) == (
+        "prong_ext::fold(Tensor V, Tensor? d, Tensor U, Tensor c) -> (Tensor, Tensor)"
+    )
+    assert str(torch.ops.prong_ext.fold_backward.default._schema) == (
+        "prong_ext::fold_backward(Tensor gW, Tensor gb, Tensor U, Tensor c) -> (Tensor, Tensor)"
+    )
+    schema = torch.ops.prong_ext.cov_accumulate.default._schema
+    assert [a.name for a in schema.arguments] == ["x", "shift", "s1", "s2", "allow_tf32"]
+    assert [a.is_write for a in schema.arguments if a.alias_info] == [True, True]
+    assert schema.returns == []
+
+
+def cov_samples(device):
+    for x in (make_x("2d", 5, 37, device=device), make_x("channels_last", 3, 37, device=device).half()):
+        C = x.shape[1]
+        shift = rows64(x)[0].float()
+        yield (x, shift, torch.randn(C, device=device), sym(C, device)), {}
+    yield (make_x("nchw_sliced", 4, 37, device=device), torch.zeros(4, device=device),
+           torch.zeros(4, device=device), torch.zeros(4, 4, device=device)), {"allow_tf32": True}  # fmt: skip
+
+
+def fold_samples(device):
+    for shape, layout, has_d in (((4, 3, 3, 3), "channels_last", True), ((5, 6), "sliced", False)):
+        V, d, U, c = make_fold_inputs(shape, layout, torch.float32, device)
+        yield (V.requires_grad_(), d.requires_grad_() if has_d else None, U, c)
+
+
+def test_opcheck_cov_accumulate(device):
+    for args, kwargs in cov_samples(device):
+        torch.library.opcheck(torch.ops.prong_ext.cov_accumulate.default, args, kwargs)
+
+
+def test_opcheck_fold(device):
+    for args in fold_samples(device):
+        torch.library.opcheck(torch.ops.prong_ext.fold.default, args)
+
+
+def test_opcheck_fold_backward(device):
+    for V, _, U, c in fold_samples(device):
+        gb = torch.randn(V.shape[0], device=device)
+        torch.library.opcheck(torch.ops.prong_ext.fold_backward.default, (V.detach(), gb, U, c))
+
+
+def test_ops_match_kernels(device):
+    V, d, U, c = make_fold_inputs((4, 3, 3, 3), "sliced", torch.float32, device)
+    W, b = ops.fold(V, d, U, c)
+    W0, b0 = fold_weights(V, d, U, c)
+    assert torch.equal(W, W0) and torch.equal(b, b0)
+    gV, gd = ops.fold_backward(W, b, U, c)
+    assert torch.equal(gV, fold_weights_backward(W, b, U, c)[0]) and torch.equal(gd, b)
+    x = make_x("channels_last", 3, 37, device=device)
+    shift = rows64(x)[0].float()
+    s1a, s1b = torch.zeros(3, device=device), torch.zeros(3, device=device)
+    s2a, s2b = torch.zeros(3, 3, device=device), torch.zeros(3, 3, device=device)
+    ops.cov_accumulate(x, shift, s1a, s2a)
+    cov_accumulate(x, shift, s1b, s2b)
+    assert torch.equal(s1a, s1b) and torch.equal(s2a, s2b) and s2a.abs().sum() > 0
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 2, 2), (3, 2)], ids=str)
+@pytest.mark.parametrize("has_d", [True, False])
+def test_fold_gradcheck(device, shape, has_d):
+    V, d, U, c = make_fold_inputs(shape, "sliced", torch.float64, device, torch.float64)
+    V.requires_grad_()
+    if has_d:
+        d.requires_grad_()
+        inputs, fn = (V, d), lambda V, d: ops.fold(V, d, U, c)
+    else:
+        inputs, fn = (V,), lambda V: ops.fold(V, None, U, c)
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs, fast_mode=True)
+    if not has_d:
+        W, b = ops.fold(V, None, U, c)
+        (W.sum() + b.sum()).backward()
+        assert V.grad is not None
+
+
+def two_conv_reference(x, V, d, U, c, stride, padding, dilation):
+    """Pad x, center by c, 1x1 conv by U, then the k x k conv by V with no padding and bias d."""
+    ph, pw = padding
+    h = F.pad(x, (pw, pw, ph, ph)) - c.reshape(1, -1, 1, 1)
+    h = F.conv2d(h, U[:, :, None, None])
+    return F.conv2d(h, V, d, stride=stride, dilation=dilation)
+
+
+def whitened_conv(x, V, d, U, c, stride, padding, dilation):
+    return F.conv2d(x, *ops.fold(V, d, U, c), stride=stride, padding=padding, dilation=dilation)
+
+
+@pytest.mark.parametrize(
+    ("stride", "padding", "dilation"), [((1, 1), (1, 1), (1, 1)), ((2, 1), (2, 1), (2, 1))], ids=str
+)
+def test_whitened_conv_matches_two_conv_reference(device, stride, padding, dilation):
+    x = torch.randn(2, 5, 7, 6, dtype=torch.float64, device=device).requires_grad_()
+    V, d, U, c = make_fold_inputs((4, 5, 3, 3), "sliced", torch.float64, device, torch.float64)
+    V.requires_grad_()
+    d.requires_grad_()
+    args = (U, c, stride, padding, dilation)
+    got = whitened_conv(x, V, d, *args)
+    want = two_conv_reference(x, V, d, *args)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(got)
+    grads = torch.autograd.grad(got, (x, V, d), g)
+    ref_grads = torch.autograd.grad(want, (x, V, d), g)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_whitened_conv_gradcheck(device):
+    """Gradients reach V and d through the fold (x's gradient is conv2d's own, checked above)."""
+    x = torch.randn(1, 2, 5, 4, dtype=torch.float64, device=device)
+    V, d, U, c = make_fold_inputs((2, 2, 2, 2), "contiguous", torch.float64, device, torch.float64)
+    V.requires_grad_()
+    d.requires_grad_()
+    fn = lambda V, d: whitened_conv(x, V, d, U, c, (1, 2), (1, 1), (1, 1))  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (V, d))
+
+
+def test_whitened_conv_compiles(device):
+    x = torch.randn(2, 3, 6, 5, device=device)
+    V, d, U, c = make_fold_inputs((4, 3, 3, 3), "contiguous", torch.float32, device)
+    V.requires_grad_()
+    d.requires_grad_()
+
+    def f(x, V, d):
+        return whitened_conv(x, V, d, U, c, (1, 1), (1, 1), (1, 1)).square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    loss = compiled(x, V, d)
+    gV, gd = torch.autograd.grad(loss, (V, d))
+    loss_ref = f(x, V, d)
+    rV, rd = torch.autograd.grad(loss_ref, (V, d))
+    torch.testing.assert_close(loss, loss_ref)
+    torch.testing.assert_close(gV, rV)
+    torch.testing.assert_close(gd, rd)

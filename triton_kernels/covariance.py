@@ -1,0 +1,326 @@
+"""Shifted (numerically centered) first and second moments of layer inputs, in one Triton launch.
+
+    s1 += sum_r (x_r - shift)                      (C,)
+    s2 += sum_r (x_r - shift) (x_r - shift)^T      (C, C)
+
+Rows r are the samples: the rows of an (M, C) input, or every spatial position of every image of an
+(N, C, H, W) input. `finalize` turns the sums into the mean and the biased covariance.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["cov_accumulate", "cov_accumulate_launch", "covariance", "finalize"]
+
+_X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Tiles for the default 4 warps: a float32 FMA dot of 32 x 32 x 32 stays near 170 registers with no
+# spills on sm_80 and sm_90 (64-wide tiles spill), and 32 rows of float32 are one 128-byte line of a
+# contiguous NCHW channel. No num_warps launch option: wrap_triton under Inductor would drop it.
+DEFAULT_BLOCK_R = 32
+DEFAULT_BLOCK_C = 32
+
+
+@triton.jit
+def _cov_accum_kernel(
+    x_ptr,
+    shift_ptr,
+    s1_ptr,
+    s2_ptr,
+    M,
+    C,
+    R1,
+    R2,
+    stride_r0,
+    stride_r1,
+    stride_r2,
+    stride_xc,
+    stride_shift,
+    stride_s1,
+    stride_s2_0,
+    stride_s2_1,
+    rows_per_split,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    ALLOW_TF32: tl.constexpr,
+    USE_ATOMICS: tl.constexpr,
+    ROWS_I64: tl.constexpr,
+):
+    """Adds one row split's shifted moments to one upper tile of s2 (and its mirror) and to s1.
+
+        y_r = x_r - shift                       (float32, in registers)
+        s1[i]    += sum_r y_r[i]                 (diagonal tiles only)
+        s2[i, j] += sum_r y_r[i] y_r[j]          (i in tile ti, j in tile tj, ti <= tj)
+        s2[j, i] += the same partial sums        (ti < tj: the mirror)
+
+    Row r = (r0, r1, r2) with r = (r0 * R1 + r1) * R2 + r2 sits at r0 * stride_r0 + r1 * stride_r1 +
+    r2 * stride_r2: an (N, C, H, W) input has rows (n, h, w), an (M, C) input rows (m, 0, 0), and
+    the launcher merges the dims whose strides allow it (contiguous NCHW: (n, 0, h * W + w);
+    channels_last: (n * H * W + h * W + w, 0, 0)).
+
+    Grid: (T * (T + 1) / 2, splits) with T = cdiv(C, BLOCK_C); axis 0 enumerates the upper tiles
+    (ti, tj), axis 1 the contiguous row ranges [split * rows_per_split, ...). With one split the
+    update is a plain read-modify-write (deterministic, s2 exactly symmetric); with several the
+    partial sums are added with relaxed atomics.
+    """
+    pid_t = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    # Upper tile (ti, tj), ti <= tj, from k = tj * (tj + 1) / 2 + ti; the float estimate of tj is
+    # corrected by one step either way.
+    tj = ((tl.sqrt_rn((8 * pid_t + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
+    tj = tl.where((tj + 1) * (tj + 2) // 2 <= pid_t, tj + 1, tj)
+    tj = tl.where(tj * (tj + 1) // 2 > pid_t, tj - 1, tj)
+    ti = pid_t - tj * (tj + 1) // 2
+
+    offs_i = (ti * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    offs_j = (tj * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    mask_i = offs_i < C
+    mask_j = offs_j < C
+    shift_i = tl.load(shift_ptr + offs_i * stride_shift, mask=mask_i, other=0.0).to(tl.float32)
+    shift_j = tl.load(shift_ptr + offs_j * stride_shift, mask=mask_j, other=0.0).to(tl.float32)
+
+    acc = tl.zeros((BLOCK_C, BLOCK_C), dtype=tl.float32)
+    acc_s1 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    # Row indices (and their split into r0, r1, r2) in int32 unless they can pass 2^31; the
+    # element offsets are int64 either way. R1 = 1 or R2 = 1 specialize the divisions away.
+    if ROWS_I64:
+        row_lo = pid_s.to(tl.int64) * rows_per_split
+    else:
+        row_lo = pid_s * rows_per_split
+    row_hi = tl.minimum(row_lo + rows_per_split, M)
+    for r_start in range(row_lo, row_hi, BLOCK_R):
+        rows = r_start + tl.arange(0, BLOCK_R)
+        mask_r = rows < row_hi
+        r2 = rows % R2
+        r01 = rows // R2
+        r1 = r01 % R1
+        r0 = r01 // R1
+        row_off = r0.to(tl.int64) * stride_r0 + r1.to(tl.int64) * stride_r1 + r2.to(tl.int64) * stride_r2
+        # y_i^T as (BLOCK_C, BLOCK_R) and y_j as (BLOCK_R, BLOCK_C), read straight from x's layout
+        m_it = mask_i[:, None] & mask_r[None, :]
+        y_it = tl.load(x_ptr + offs_i[:, None] * stride_xc + row_off[None, :], mask=m_it, other=0.0)
+        y_it = tl.where(m_it, y_it.to(tl.float32) - shift_i[:, None], 0.0)
+        m_j = mask_r[:, None] & mask_j[None, :]
+        y_j = tl.load(x_ptr + row_off[:, None] + offs_j[None, :] * stride_xc, mask=m_j, other=0.0)
+        y_j = tl.where(m_j, y_j.to(tl.float32) - shift_j[None, :], 0.0)
+        if ALLOW_TF32:
+            acc = tl.dot(y_it, y_j, acc, input_precision="tf32")
+        else:
+            acc = tl.dot(y_it, y_j, acc, input_precision="ieee")
+        acc_s1 += tl.sum(y_it, axis=1)
+
+    diag = ti == tj
+    # A diagonal tile is symmetric in exact arithmetic; make it so bit for bit.
+    acc = tl.where(diag, (acc + tl.trans(acc)) * 0.5, acc)
+    m_tile = mask_i[:, None] & mask_j[None, :]
+    p_up = s2_ptr + offs_i[:, None] * stride_s2_0 + offs_j[None, :] * stride_s2_1
+    p_lo = s2_ptr + offs_j[None, :] * stride_s2_0 + offs_i[:, None] * stride_s2_1
+    p_s1 = s1_ptr + offs_i * stride_s1
+    m_s1 = mask_i & diag
+    if USE_ATOMICS:
+        tl.atomic_add(p_up, acc, mask=m_tile, sem="relaxed")
+        tl.atomic_add(p_lo, acc, mask=m_tile & (ti != tj), sem="relaxed")
+        tl.atomic_add(p_s1, acc_s1, mask=m_s1, sem="relaxed")
+    else:
+        new = tl.load(p_up, mask=m_tile, other=0.0) + acc
+        tl.store(p_up, new, mask=m_tile)
+        tl.store(p_lo, new, mask=m_tile & (ti != tj))
+        tl.store(p_s1, tl.load(p_s1, mask=m_s1, other=0.0) + acc_s1, mask=m_s1)
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _row_layout(x: torch.Tensor) -> tuple[int, tuple[int, int, int], tuple[int, int, int], int]:
+    """Rows of x as up to three (size, stride) dims, merged where the strides allow.
+
+    Returns (M, (R0, R1, R2), (stride_r0, stride_r1, stride_r2), stride_c).
+    """
+    if x.dim() == 2:
+        dims = [(x.shape[0], x.stride(0))]
+        stride_c = x.stride(1)
+    else:
+        dims = [(x.shape[0], x.stride(0)), (x.shape[2], x.stride(2)), (x.shape[3], x.stride(3))]
+        stride_c = x.stride(1)
+    dims = [d for d in dims if d[0] != 1] or [(1, 0)]
+    merged = [dims[0]]
+    for size, stride in dims[1:]:
+        outer_size, outer_stride = merged[-1]
+        if outer_stride == size * stride:
+            merged[-1] = (outer_size * size, stride)
+        else:
+            merged.append((size, stride))
+    # (R0, R1, R2): unused dims as size 1 after R0 (the outermost), so R1 = 1 or R2 = 1
+    if len(merged) == 1:
+        merged += [(1, 0), (1, 0)]
+    elif len(merged) == 2:
+        merged.insert(1, (1, 0))
+    sizes = tuple(s for s, _ in merged)
+    strides = tuple(st for _, st in merged)
+    return sizes[0] * sizes[1] * sizes[2], sizes, strides, stride_c
+
+
+def _check(x: torch.Tensor, shift: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor) -> int:
+    if x.dim() not in (2, 4):
+        raise ValueError(f"x must be (M, C) or (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.dtype not in _X_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    C = x.shape[1]
+    for name, t, shape in (("shift", shift, (C,)), ("s1", s1, (C,)), ("s2", s2, (C, C))):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+        if t.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, x on {x.device}")
+    return C
+
+
+def cov_accumulate_launch(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    s1: torch.Tensor,
+    s2: torch.Tensor,
+    *,
+    allow_tf32: bool = False,
+    block_r: int | None = None,
+    block_c: int | None = None,
+    num_splits: int | None = None,
+) -> tuple[tuple[int, int], dict] | None:
+    """The launch of `cov_accumulate`: (grid, kernel keyword arguments), or None when x has no rows.
+
+    `torch.library.triton_op` callers launch `wrap_triton(_cov_accum_kernel)[grid](**kwargs)`.
+    block_r, block_c and num_splits override the heuristics (tests use them to reach every path).
+    """
+    C = _check(x, shift, s1, s2)
+    M, (_, R1, R2), (sr0, sr1, sr2), stride_c = _row_layout(x)
+    if M == 0 or C == 0:
+        return None
+    if block_c is None:
+        block_c = DEFAULT_BLOCK_C if C > 16 else 16
+    if block_r is None:
+        block_r = DEFAULT_BLOCK_R
+    n_col = triton.cdiv(C, block_c)
+    n_tiles = n_col * (n_col + 1) // 2
+    row_blocks = triton.cdiv(M, block_r)
+    if num_splits is None:
+        if x.is_cuda:
+            index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+            target = 4 * _num_sms(index)
+            # at least 16 row blocks per split, so the atomics stay a small part of the work
+            num_splits = max(1, min(triton.cdiv(target, n_tiles), triton.cdiv(row_blocks, 16)))
+        else:  # the interpreter: fewer, longer programs are faster
+            num_splits = 1
+    num_splits = max(1, min(num_splits, row_blocks))
+    rows_per_split = triton.cdiv(row_blocks, num_splits) * block_r
+    num_splits = triton.cdiv(M, rows_per_split)
+    rows_i64 = M + rows_per_split >= 2**31
+    kwargs = dict(
+        x_ptr=x,
+        shift_ptr=shift,
+        s1_ptr=s1,
+        s2_ptr=s2,
+        M=M,
+        C=C,
+        R1=R1,
+        R2=R2,
+        stride_r0=sr0,
+        stride_r1=sr1,
+        stride_r2=sr2,
+        stride_xc=stride_c,
+        stride_shift=shift.stride(0),
+        stride_s1=s1.stride(0),
+        stride_s2_0=s2.stride(0),
+        stride_s2_1=s2.stride(1),
+        rows_per_split=rows_per_split,
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        ALLOW_TF32=bool(allow_tf32),
+        USE_ATOMICS=num_splits > 1,
+        ROWS_I64=rows_i64,
+    )
+    return (n_tiles, num_splits), kwargs
+
+
+def cov_accumulate(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    s1: torch.Tensor,
+    s2: torch.Tensor,
+    *,
+    allow_tf32: bool = False,
+) -> None:
+    """Adds the shifted moments of x's rows to s1 and s2, in place, in one kernel launch.
+
+        s1 += sum_r (x_r - shift)          s2 += sum_r (x_r - shift) (x_r - shift)^T
+
+    Only the upper tiles of s2 are computed; each is added to its mirror too, so s2 stays
+    symmetric (bit for bit with one row split; with several, whose partial sums are added with
+    atomics in any order, to float32 rounding of s2's entries).
+
+    Args:
+        x: (M, C) or (N, C, H, W), any strides (read in place), float32, float16 or bfloat16. Every
+            spatial position of every image is one row of C features.
+        shift: (C,) float32, e.g. the first row of the first batch; keeps the sums centered.
+        s1: (C,) float32, updated in place.
+        s2: (C, C) float32, symmetric, updated in place.
+        allow_tf32: use TF32 tensor cores for the products (float32 accumulation either way).
+    """
+    launch = cov_accumulate_launch(x, shift, s1, s2, allow_tf32=allow_tf32)
+    if launch is not None:
+        grid, kwargs = launch
+        _cov_accum_kernel[grid](**kwargs)
+
+
+def finalize(
+    count: int, shift: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased covariance from shifted sums over `count` rows.
+
+        mean = shift + s1 / n          cov = s2 / n - (s1 / n) (s1 / n)^T
+
+    Args:
+        count: n, the number of rows summed.
+        shift: (C,), s1: (C,), s2: (C, C), as passed to `cov_accumulate`.
+
+    Returns:
+        mean (C,) and cov (C, C), in s2's dtype.
+    """
+    if count <= 0:
+        raise ValueError(f"{count=} must be > 0")
+    m1 = s1 / count
+    mean = shift.to(s1.dtype) + m1
+    cov = s2 / count - torch.outer(m1, m1)
+    return mean, cov
+
+
+def _first_row(x: torch.Tensor) -> torch.Tensor:
+    return x[0] if x.dim() == 2 else x[0, :, 0, 0]
+
+
+def covariance(x: torch.Tensor, *, allow_tf32: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Mean, biased covariance (1 / count) and row count of x, shifted by its first row.
+
+    Args:
+        x: (M, C) or (N, C, H, W), any strides; float32, float16 or bfloat16.
+
+    Returns:
+        mean (C,) float32, cov (C, C) float32, count (rows: M, or N * H * W).
+    """
+    count = x.shape[0] if x.dim() == 2 else x.shape[0] * x.shape[2] * x.shape[3]
+    if count == 0:
+        raise ValueError("x has no rows")
+    C = x.shape[1]
+    shift = _first_row(x).to(torch.float32).contiguous()
+    s1 = torch.zeros(C, dtype=torch.float32, device=x.device)
+    s2 = torch.zeros(C, C, dtype=torch.float32, device=x.device)
+    cov_accumulate(x, shift, s1, s2, allow_tf32=allow_tf32)
+    mean, cov = finalize(count, shift, s1, s2)
+    return mean, cov, count
