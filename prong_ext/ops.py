@@ -356,6 +356,8 @@ def taps_sum(w: torch.Tensor) -> torch.Tensor:
 
 def _fold_op(backend, V, d, U, c):
     if _use_triton(backend, V, U):
+        if c is None:  # no centre: b is d itself (or no bias at all)
+            return _triton_ops().fold(V, None, U, U.new_zeros(U.shape[0]))[0], d
         return _triton_ops().fold(V, d, U, c)
     return fold(V, d, U, c)
 

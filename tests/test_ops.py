@@ -15,11 +15,12 @@ def _inputs(layout, c, dtype=torch.float32):
     return x.to(dtype)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("c", [1, 3, 17])
 @pytest.mark.parametrize("layout", ["rows", "contiguous", "channels_last", "sliced"])
-def test_covariance_equals_reference(c, layout):
+def test_covariance_equals_reference(c, layout, backend):
     x = _inputs(layout, c)
-    mean, cov, count = ops.covariance(x, backend="torch")
+    mean, cov, count = ops.covariance(x, backend=backend)
     ref_mean, ref_cov, ref_count = reference.covariance(x.double())
     assert count == ref_count
     torch.testing.assert_close(mean, ref_mean, rtol=1e-6, atol=1e-6)
@@ -37,16 +38,18 @@ def test_covariance_half_inputs_accumulate_in_float32(dtype):
     assert err / ref_cov.norm() < 1e-6
 
 
-def test_covariance_keeps_accuracy_with_large_mean():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_covariance_keeps_accuracy_with_large_mean(backend):
     x = torch.randn(4096, 5, dtype=torch.float64) * 1e-2 + 1e3
-    _, cov, _ = ops.covariance(x.float())
+    _, cov, _ = ops.covariance(x.float(), backend=backend)
     _, ref_cov, _ = reference.covariance(x.float().double())
     assert ((cov - ref_cov).norm() / ref_cov.norm()).item() < 1e-4
 
 
-def test_accumulator_streaming_equals_one_pass():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_accumulator_streaming_equals_one_pass(backend):
     batches = [_inputs("contiguous", 4) * (i + 1) + i for i in range(3)]
-    acc = ops.CovarianceAccumulator(4)
+    acc = ops.CovarianceAccumulator(4, backend=backend)
     for b in batches:
         acc.update(b)
     mean, cov, count = acc.compute()
