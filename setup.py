@@ -12,9 +12,25 @@ import os
 from setuptools import setup
 
 
+def _cusolver_paths(torch_lib_dir, cuda_home):
+    """(include dir, lib dir, library name) of cuSOLVER: the nvidia wheel next to torch, else CUDA_HOME."""
+    site = os.path.dirname(os.path.dirname(torch_lib_dir))
+    for sub in ("nvidia/cu13", "nvidia/cusolver"):  # CUDA 13 wheels, CUDA 12 wheels
+        root = os.path.join(site, sub)
+        libs = sorted(glob.glob(os.path.join(root, "lib", "libcusolver.so.[0-9]*")), key=len)
+        if os.path.exists(os.path.join(root, "include", "cusolverDn.h")) and libs:
+            return os.path.join(root, "include"), os.path.join(root, "lib"), ":" + os.path.basename(libs[0])
+    lib = next(
+        (d for d in ("lib64", "lib") if glob.glob(os.path.join(cuda_home, d, "libcusolver.so*"))), "lib64"
+    )
+    return os.path.join(cuda_home, "include"), os.path.join(cuda_home, lib), "cusolver"
+
+
 def _extensions():
+    """(ext_modules, cmdclass, build variant); the variant names the build folder (build/<variant>)
+    so that CPU and CUDA builds from one checkout keep apart."""
     if os.environ.get("PRONG_EXT_NO_EXTENSION", "0") == "1":
-        return [], {}
+        return [], {}, "pure"
     import torch
     from torch.utils import cpp_extension
 
@@ -26,30 +42,51 @@ def _extensions():
         and cpp_extension.CUDA_HOME is not None
         and bool(cuda_sources)
     )
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3"]  # no -std: torch adds the standard its headers need (C++20 for torch 2.14)
     define_macros = [("PRONG_EXT_WITH_CUDA", "1" if use_cuda else "0")]
     if use_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+        site = os.path.dirname(os.path.dirname(torch_lib))
+        solver_inc, solver_lib, solver_name = _cusolver_paths(torch_lib, cpp_extension.CUDA_HOME)
+        # Host code only: torch's CUDA headers include cuSOLVER/cuBLAS/cuSPARSE, which a bare
+        # toolkit may lack; -isystem keeps CUDA_HOME's own headers first.
+        cxx_flags += ["-isystem", solver_inc]
+        libraries = [solver_name]
+        if os.path.exists(os.path.join(torch_lib, "libtorch_cuda_linalg.so")):
+            libraries.append("torch_cuda_linalg")  # at::cuda::getCurrentCUDASolverDnHandle
+        # Installed: prong_ext/_C.so sits beside torch/ and nvidia/ in site-packages; the absolute
+        # paths serve in-place builds.
+        rpaths = ["$ORIGIN/../torch/lib"]
+        if solver_lib.startswith(site + os.sep):
+            rpaths.append("$ORIGIN/../" + os.path.relpath(solver_lib, site))
+        rpaths += [torch_lib, solver_lib]
         ext = cpp_extension.CUDAExtension(
             "prong_ext._C",
             sources + cuda_sources,
             define_macros=define_macros,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
+            library_dirs=[solver_lib, torch_lib],
+            libraries=libraries,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+            extra_link_args=[f"-Wl,-rpath,{p}" for p in rpaths],
         )
     else:
         ext = cpp_extension.CppExtension(
             "prong_ext._C", sources, define_macros=define_macros, extra_compile_args=cxx_flags
         )
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
+    return [ext], {"build_ext": build_ext}, "cuda" if use_cuda else "cpu"
 
 
-ext_modules, cmdclass = _extensions()
+ext_modules, cmdclass, variant = _extensions()
 
 setup(
     name="prong_ext",
     version="0.1.0",
-    description="Natural Neural Networks (PRONG): whitened layers, fused Triton kernels, batched cuSOLVER eigh",
+    description=(
+        "Natural Neural Networks (PRONG): whitened layers, fused Triton kernels, batched cuSOLVER eigh"
+    ),
     packages=["prong_ext", "prong_ext.triton_kernels"],
     package_dir={"prong_ext": "prong_ext", "prong_ext.triton_kernels": "triton_kernels"},
     python_requires=">=3.10",
@@ -58,4 +95,5 @@ setup(
     entry_points={"console_scripts": ["prong-ext = prong_ext.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
+    options={"build": {"build_base": os.path.join("build", variant)}},
 )
