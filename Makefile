@@ -33,6 +33,11 @@ compile-check: build
 wheel:
 	bash scripts/build_wheel.sh
 
+# The benchmark suite, naive against prong_ext, on whatever device is present; writes
+# benchmarks/results/ (results.md, results.json, a PNG plot).
+bench: build
+	$(PY) benchmarks/run.py --out benchmarks/results
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check prong_ext triton_kernels tests benchmarks setup.py
 

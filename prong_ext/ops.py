@@ -63,19 +63,15 @@ def _use_triton(backend: str, *tensors: torch.Tensor) -> bool:
     return False
 
 
-def _extension_ready() -> bool:
-    return _extension.available() and hasattr(_extension, "whitening")
-
-
 def _use_extension(backend: str) -> bool:
     if backend == "extension":
-        if not _extension_ready():
+        if not _extension.available():
             raise RuntimeError(
                 "backend='extension' was requested but prong_ext._C is not built; "
                 "install with `pip install --no-build-isolation .`"
             )
         return True
-    return backend == "auto" and _extension_ready()
+    return backend == "auto" and _extension.available()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,11 +1,16 @@
-"""Shared test setup. TRITON_INTERPRET must be set before any Triton kernel is defined."""
+"""Shared test setup.
+
+Without a GPU, Triton kernels run through the interpreter: TRITON_INTERPRET must be set before
+any kernel is defined (importing torch defines none). With a GPU they run compiled.
+"""
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,7 +1,15 @@
 import pytest
 import torch
 
-from prong_ext import ops, reference
+from prong_ext import _extension, ops, reference
+
+EIGH_BACKENDS = [
+    "torch",
+    pytest.param(
+        "extension",
+        marks=pytest.mark.skipif(_extension._C is None, reason="prong_ext._C is not built"),
+    ),
+]
 
 
 def _inputs(layout, c, dtype=torch.float32):
@@ -77,9 +85,10 @@ def _spd(n, rank=None, scale=1.0):
     return a @ a.T * scale / n
 
 
-def test_batched_eigh_mixed_sizes_equals_loop():
+@pytest.mark.parametrize("backend", EIGH_BACKENDS)
+def test_batched_eigh_mixed_sizes_equals_loop(backend):
     mats = [_spd(n) for n in (1, 4, 7, 4, 12, 1)]
-    values, vectors = ops.batched_eigh(mats, backend="torch")
+    values, vectors = ops.batched_eigh(mats, backend=backend)
     ref_values, _ = reference.batched_eigh(mats)
     for m, lam, q, ref in zip(mats, values, vectors, ref_values):
         torch.testing.assert_close(lam, ref)
@@ -87,21 +96,23 @@ def test_batched_eigh_mixed_sizes_equals_loop():
         torch.testing.assert_close(q.T @ q, torch.eye(len(lam), dtype=q.dtype))
 
 
-def test_batched_eigh_names_non_finite_matrices():
+@pytest.mark.parametrize("backend", EIGH_BACKENDS)
+def test_batched_eigh_names_non_finite_matrices(backend):
     mats = [_spd(3), _spd(2), _spd(3)]
     mats[2][1, 1] = float("nan")
     with pytest.raises(ValueError, match=r"\[2\]"):
-        ops.batched_eigh(mats, backend="torch")
+        ops.batched_eigh(mats, backend=backend)
     with pytest.raises(ValueError, match="square"):
-        ops.batched_eigh([torch.randn(2, 3)], backend="torch")
+        ops.batched_eigh([torch.randn(2, 3)], backend=backend)
 
 
+@pytest.mark.parametrize("backend", EIGH_BACKENDS)
 @pytest.mark.parametrize("kind", ["pca", "zca"])
-def test_whitening_decorrelates(kind):
+def test_whitening_decorrelates(kind, backend):
     eps = 1e-2
     x = torch.randn(500, 6, dtype=torch.float64) @ torch.randn(6, 6, dtype=torch.float64) + 4.0
     mean, cov, _ = reference.covariance(x)
-    (u,), (u_inv,) = ops.whitening([cov], eps, kind, backend="torch")
+    (u,), (u_inv,) = ops.whitening([cov], eps, kind, backend=backend)
     lam, q = torch.linalg.eigh(cov)
     white = (x - mean) @ u.T
     white_cov = white.T @ white / len(x)
@@ -115,9 +126,10 @@ def test_whitening_decorrelates(kind):
     torch.testing.assert_close(u_inv @ u, ref_u_inv[0] @ ref_u[0])
 
 
-def test_whitening_rank_deficient_is_finite():
+@pytest.mark.parametrize("backend", EIGH_BACKENDS)
+def test_whitening_rank_deficient_is_finite(backend):
     covs = [_spd(8, rank=3), torch.zeros(4, 4, dtype=torch.float64), _spd(5, scale=-1e-18)]
-    us, u_invs = ops.whitening(covs, 1e-3)
+    us, u_invs = ops.whitening(covs, 1e-3, backend=backend)
     for u, u_inv in zip(us, u_invs):
         assert torch.isfinite(u).all() and torch.isfinite(u_inv).all()
         assert (torch.linalg.matrix_norm(u, 2) <= 1e-3**-0.5 * (1 + 1e-9)).item()
