@@ -168,17 +168,36 @@ class CovarianceAccumulator:
 def _batch_moments(x: torch.Tensor, dtype: torch.dtype) -> tuple[int, torch.Tensor, torch.Tensor]:
     """Count, float64 mean and float64 centered sum of outer products of one (N, C, *) batch.
 
-    The centering and the move of the features to the last dimension are one pass writing
-    `dtype` rows; the product of the rows with themselves is one GEMM.
+    Products are taken in `dtype` (inputs of lower precision are upcast on the fly).
     """
     c = x.shape[1]
-    feature_last = x.movedim(1, -1)
-    n = feature_last.numel() // c
-    mean = feature_last.reshape(-1, c).sum(0, dtype=torch.float64) / n
-    rows = torch.empty(feature_last.shape, device=x.device, dtype=dtype)
-    torch.sub(feature_last, mean.to(dtype), out=rows)
-    rows = rows.reshape(-1, c)
-    return n, mean, (rows.T @ rows).double()
+    positions = x[0, 0].numel() if x.dim() > 2 else 1
+    if positions >= 64 and x.stride(1) != 1 and c > 1:  # NCHW-like, 8x8 images and larger
+        return _batch_moments_per_example(x, dtype)
+    rows = x.movedim(1, -1).reshape(-1, c)  # a view for (M, C) and channels_last inputs
+    n = rows.shape[0]
+    mean = rows.sum(0, dtype=torch.float64) / n
+    centered = rows - mean.to(dtype)
+    return n, mean, (centered.T @ centered).double()
+
+
+def _batch_moments_per_example(x: torch.Tensor, dtype: torch.dtype):
+    """NCHW-like inputs, read in place: every example is a (C, L) block with positions
+    contiguous, so sum_r h_r h_r^T = sum_n X_n X_n^T, one GEMM per example accumulated in place,
+    with no transposing copy.
+
+    The rows are shifted by the first example's mean (close to the batch mean) and the shift is
+    removed exactly afterwards: M2 = G - n (mean - shift)(mean - shift)^T.
+    """
+    xs = x.flatten(2)  # (N, C, L)
+    n = xs.shape[0] * xs.shape[2]
+    shift = xs[0].mean(-1, dtype=torch.float64)
+    centered = xs - shift.to(dtype)[:, None]
+    offset = centered.sum((0, 2), dtype=torch.float64) / n
+    gram = centered.new_zeros(xs.shape[1], xs.shape[1])
+    for example in centered:
+        gram.addmm_(example, example.T)
+    return n, shift + offset, gram.double() - n * torch.outer(offset, offset)
 
 
 def covariance(

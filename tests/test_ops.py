@@ -20,12 +20,15 @@ def _inputs(layout, c, dtype=torch.float32):
         x = x.contiguous(memory_format=torch.channels_last)
     elif layout == "sliced":
         x = torch.randn(5, c + 2, 9, 3, dtype=torch.float64)[:, 1:-1, 1:-1:1, :] + 1.0
+    elif layout == "large_images":  # 8x8 and larger: the per-example GEMM path of the torch backend
+        x = torch.randn(3, c, 9, 8, dtype=torch.float64) * torch.rand(c, 1, 1, dtype=torch.float64) + 2.0
+        x[1:] += torch.randn(2, c, 1, 1, dtype=torch.float64)  # examples with different means
     return x.to(dtype)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("c", [1, 3, 17])
-@pytest.mark.parametrize("layout", ["rows", "contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("layout", ["rows", "contiguous", "channels_last", "sliced", "large_images"])
 def test_covariance_equals_reference(c, layout, backend):
     x = _inputs(layout, c)
     mean, cov, count = ops.covariance(x, backend=backend)
@@ -35,9 +38,10 @@ def test_covariance_equals_reference(c, layout, backend):
     torch.testing.assert_close(cov, ref_cov, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "large_images"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_covariance_half_inputs_accumulate_in_float32(dtype):
-    x = _inputs("contiguous", 6, dtype)
+def test_covariance_half_inputs_accumulate_in_float32(dtype, layout):
+    x = _inputs(layout, 6, dtype)
     _, cov, _ = ops.covariance(x)
     _, ref_cov, _ = reference.covariance(x.double())
     _, naive_cov, _ = reference.covariance(x, dtype=dtype)  # the same computation in `dtype`
@@ -46,9 +50,10 @@ def test_covariance_half_inputs_accumulate_in_float32(dtype):
     assert err / ref_cov.norm() < 1e-6
 
 
+@pytest.mark.parametrize("shape", [(4096, 5), (16, 5, 16, 16)])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_covariance_keeps_accuracy_with_large_mean(backend):
-    x = torch.randn(4096, 5, dtype=torch.float64) * 1e-2 + 1e3
+def test_covariance_keeps_accuracy_with_large_mean(backend, shape):
+    x = torch.randn(shape, dtype=torch.float64) * 1e-2 + 1e3
     _, cov, _ = ops.covariance(x.float(), backend=backend)
     _, ref_cov, _ = reference.covariance(x.float().double())
     assert ((cov - ref_cov).norm() / ref_cov.norm()).item() < 1e-4
