@@ -87,7 +87,7 @@ setup(
     description=(
         "Natural Neural Networks (PRONG): whitened layers, fused Triton kernels, batched cuSOLVER eigh"
     ),
-    packages=["prong_ext", "prong_ext.triton_kernels"],
+    packages=["prong_ext", "prong_ext.experiments", "prong_ext.triton_kernels"],
     package_dir={"prong_ext": "prong_ext", "prong_ext.triton_kernels": "triton_kernels"},
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy"],

@@ -1,0 +1,185 @@
+"""Command line: ``python -m prong_ext SUBCOMMAND [options]`` (also the ``prong-ext`` script).
+
+Subcommands reproduce the experiments of Desjardins et al. 2015 (see docs/experiments.md):
+
+    autoencoder  deep auto-encoder, sgd / rmsprop / bn / prong / prong+ (Sec. 4.2, Fig. 3)
+    fisher       exact Fisher block of a hidden layer, before/after whitening (Sec. 4.1, Fig. 2)
+    sweep        sensitivity to eps and T, whitened vs fan-in initialization (Fig. 3a-b)
+    cnn          small VGG-like convnet: prong / prong+ vs sgd / bn
+
+Each writes CSV data, PNG plots and summary.md to ``--out`` (default ``out/<subcommand>``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+SUBCOMMANDS = ("autoencoder", "fisher", "sweep", "cnn")
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{v} must be > 0")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{v} must be > 0")
+    return v
+
+
+def _existing_path(s: str) -> str:
+    if not Path(s).exists():
+        raise argparse.ArgumentTypeError(f"--data path does not exist: {s}")
+    return s
+
+
+def _common(p: argparse.ArgumentParser, name: str, interval: int, data_help: str) -> None:
+    g = p.add_argument_group("common options")
+    g.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"output folder for CSV, PNG and summary.md (default: out/{name})",
+    )
+    g.add_argument(
+        "--seed", type=int, default=0, help="random seed; runs are deterministic (default: %(default)s)"
+    )
+    g.add_argument("--data", type=_existing_path, default=None, help=data_help)
+    g.add_argument(
+        "--interval",
+        "-T",
+        type=_positive_int,
+        default=interval,
+        help="PRONG: updates between reparametrizations, T (default: %(default)s)",
+    )
+    g.add_argument(
+        "--eps",
+        type=_positive_float,
+        default=1e-2,
+        help="PRONG: eigenvalue regularizer epsilon (default: %(default)s)",
+    )
+    g.add_argument(
+        "--num-samples",
+        type=_positive_int,
+        default=1024,
+        help="PRONG: samples N_s for the statistics (default: %(default)s)",
+    )
+    g.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=1,
+        help="torch CPU threads (default: %(default)s; these models are small, and extra "
+        "threads slow them down on a busy machine)",
+    )
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+IDX_HELP = (
+    "MNIST or Fashion-MNIST IDX data: a directory holding train-images-idx3-ubyte[.gz] "
+    "(and labels, t10k-* for test), or the images file itself (default: scikit-learn's digits)"
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .experiments import autoencoder, cnn, fisher, sweep
+
+    parser = argparse.ArgumentParser(
+        prog="python -m prong_ext",
+        description="Natural Neural Networks (PRONG): reproduce the paper's experiments on the CPU.",
+        epilog="Run 'python -m prong_ext SUBCOMMAND -h' for the options of each experiment.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
+    p = sub.add_parser(
+        "autoencoder",
+        help="deep auto-encoder: sgd, rmsprop, bn, prong, prong+ (Fig. 3)",
+        description=autoencoder.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    autoencoder.add_arguments(p)
+    _common(p, "autoencoder", 100, IDX_HELP)
+    p = sub.add_parser(
+        "fisher",
+        help="exact Fisher block and its condition number (Fig. 2)",
+        description=fisher.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    fisher.add_arguments(p)
+    _common(p, "fisher", 100, IDX_HELP + "; images are downsampled to --size")
+    p = sub.add_parser(
+        "sweep",
+        help="sensitivity to eps and T, whitened vs fan-in init (Fig. 3a-b)",
+        description=sweep.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sweep.add_arguments(p)
+    _common(p, "sweep", 100, IDX_HELP)
+    p = sub.add_parser(
+        "cnn",
+        help="VGG-like convnet: prong, prong+ vs sgd, bn",
+        description=cnn.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cnn.add_arguments(p)
+    _common(
+        p,
+        "cnn",
+        100,
+        "Fashion-MNIST/MNIST IDX data as for autoencoder (default: Debian's "
+        "/usr/share/datasets/fashion-mnist when installed, else scikit-learn's digits)",
+    )
+    return parser
+
+
+def _parse_methods(parser, args, allowed) -> None:
+    if not hasattr(args, "methods"):
+        return
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in allowed]
+    if bad or not methods:
+        parser.error(f"--methods {args.methods!r}: expected a comma-separated subset of {','.join(allowed)}")
+    args.methods = list(dict.fromkeys(methods))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default: sys.argv[1:]), run the experiment, return the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = argv
+    from .experiments import autoencoder, cnn, common, fisher, sweep
+
+    module = {"autoencoder": autoencoder, "fisher": fisher, "sweep": sweep, "cnn": cnn}[args.command]
+    _parse_methods(parser, args, getattr(module, "ALLOWED_METHODS", common.METHODS))
+    for name in ("updates", "batch_size", "eval_every", "train_samples", "eval_samples", "tune_updates"):
+        v = getattr(args, name, None)
+        if v is not None and v <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be > 0, got {v}")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # saturated sigmoids make denormals, 5-20x slower on x86
+    out = common.out_dir(args.out or Path("out") / args.command)
+    start = time.perf_counter()
+    try:
+        module.run(args, out)
+    except common.UsageError as e:
+        parser.exit(2, f"{parser.prog} {args.command}: error: {e}\n")
+    print(f"\n{args.command}: wrote {out}/ in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,409 @@
+"""Conditioning of the Fisher (paper Sec. 4.1, Fig. 2).
+
+A small tanh MLP classifies digits (8x8), or MNIST downsampled to 10x10 with --data. For one
+hidden layer we compute the exact Fisher block of its weights,
+
+    F = 1/N sum_n sum_y p(y | x_n) g_ny g_ny^T,    g_ny = d log p(y | x_n) / d vec(weights),
+
+by summing over every class (no sampling), in the coordinates the optimizer sees: the canonical W
+of a plain layer, V of a whitened one (g_V = delta (U (h - c))^T). We plot the block before and
+after whitening the trained SGD network (Fig. 2a-b) and its condition number over training for
+sgd, rmsprop, bn and prong (Fig. 2c).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import prong_ext
+
+from .. import data as datasets
+from . import common
+
+ALLOWED_METHODS = ("sgd", "rmsprop", "bn", "prong", "prong+")
+DEFAULT_LR = {"sgd": 0.1, "rmsprop": 1e-3, "bn": 0.1, "prong": 0.01, "prong+": 0.03}
+
+
+def build_mlp(n_in: int, hidden: int, depth: int, n_out: int, batchnorm: bool = False) -> nn.Sequential:
+    """``depth`` tanh hidden layers of ``hidden`` units (Linear [-> BN] -> Tanh), then a linear
+    softmax classifier (logits)."""
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        layers.append(nn.Linear(n_in if i == 0 else hidden, hidden))
+        if batchnorm:
+            layers.append(nn.BatchNorm1d(hidden))
+        layers.append(nn.Tanh())
+    layers.append(nn.Linear(hidden if depth else n_in, n_out))
+    return nn.Sequential(*layers)
+
+
+def linear_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's nn.Linear / WhitenedLinear layers, in order."""
+    kinds = (nn.Linear, prong_ext.WhitenedLinear)
+    return [m for m in model.modules() if isinstance(m, kinds)]
+
+
+def is_whitened(layer: nn.Module) -> bool:
+    return isinstance(layer, prong_ext.WhitenedLinear)
+
+
+def per_class_gradients(
+    model: nn.Module, layer: nn.Module, x: torch.Tensor, coords: str = "native", include_bias: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample, per-class gradients of log p(y | x) w.r.t. ``layer``'s weights.
+
+    Args:
+        model: a classifier giving logits (N, C); call it in eval mode so that samples are
+            independent (batch norm then uses its running statistics).
+        layer: one linear layer of ``model`` (nn.Linear or WhitenedLinear).
+        x: inputs (N, ...).
+        coords: ``"native"``: the parameter the optimizer updates (weight of nn.Linear, V of a
+            whitened layer); ``"canonical"``: W (= V U for a whitened layer).
+        include_bias: append the bias gradient (b, or d in native coordinates of a whitened layer).
+
+    Returns:
+        g: (N, C, P) float64 with P = out * in (+ out), row-major like ``weight.flatten()``;
+        p: (N, C) float64 class probabilities.
+    """
+    if coords not in ("native", "canonical"):
+        raise ValueError(f"{coords=} must be 'native' or 'canonical'")
+    cap = {}
+
+    def hook(module, inputs, output):
+        cap["h"], cap["z"] = inputs[0], output
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        with torch.enable_grad():
+            logp = F.log_softmax(model(x).double(), dim=-1)
+            z = cap["z"]
+            deltas = [
+                torch.autograd.grad(logp[:, y].sum(), z, retain_graph=y < logp.shape[1] - 1)[0]
+                for y in range(logp.shape[1])
+            ]
+    finally:
+        handle.remove()
+    delta = torch.stack(deltas, dim=1).double()  # (N, C, out)
+    a = cap["h"].detach().double()  # (N, in)
+    if coords == "native" and is_whitened(layer):
+        a = (a - layer.c.double()) @ layer.U.double().T
+    g = (delta[:, :, :, None] * a[:, None, None, :]).flatten(2)  # (N, C, out*in)
+    if include_bias:
+        g = torch.cat([g, delta], dim=2)
+    return g, logp.detach().exp()
+
+
+def exact_fisher(
+    model: nn.Module,
+    layer: nn.Module,
+    x: torch.Tensor,
+    coords: str = "native",
+    include_bias: bool = False,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """The exact Fisher block (P, P) float64 of ``layer``'s weights (see per_class_gradients).
+
+    ``model`` should be in eval mode; x: (N, ...) inputs; the sum over classes is exact.
+    """
+    fisher = None
+    for i in range(0, x.shape[0], chunk):
+        g, p = per_class_gradients(model, layer, x[i : i + chunk], coords, include_bias)
+        rows = (g * p.sqrt()[:, :, None]).reshape(-1, g.shape[-1])
+        part = rows.T @ rows
+        fisher = part if fisher is None else fisher + part
+    return fisher / x.shape[0]
+
+
+def condition_number(fisher: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """lambda_max / lambda_min of a symmetric PSD matrix (inf when lambda_min <= 0); eigenvalues."""
+    lam = torch.linalg.eigvalsh(fisher.double())
+    lo, hi = lam[0].item(), lam[-1].item()
+    return (hi / lo if lo > 0 else float("inf")), lam
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--updates", type=int, default=2000, help="optimizer updates per method (default: %(default)s)"
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="minibatch size (default: %(default)s)")
+    p.add_argument(
+        "--methods",
+        default="sgd,rmsprop,bn,prong",
+        help="comma-separated subset of sgd,rmsprop,bn,prong,prong+ (default: %(default)s)",
+    )
+    p.add_argument(
+        "--lr",
+        action="append",
+        default=[],
+        metavar="METHOD=LR",
+        help="learning rate of one method, repeatable (defaults: "
+        + ", ".join(f"{k}={v:g}" for k, v in DEFAULT_LR.items())
+        + ")",
+    )
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
+    p.add_argument("--hidden", type=int, default=32, help="units per hidden layer (default: %(default)s)")
+    p.add_argument("--depth", type=int, default=3, help="tanh hidden layers (default: %(default)s)")
+    p.add_argument(
+        "--layer",
+        type=int,
+        default=2,
+        help="which linear layer's Fisher block, 1 = first (default: %(default)s, hidden to hidden)",
+    )
+    p.add_argument(
+        "--size",
+        type=int,
+        default=10,
+        help="--data images are downsampled to size x size (default: %(default)s); digits stay 8x8",
+    )
+    p.add_argument(
+        "--train-samples",
+        type=int,
+        default=5000,
+        help="training images used (default: %(default)s, digits has 1438)",
+    )
+    p.add_argument(
+        "--fisher-samples",
+        type=int,
+        default=500,
+        help="images over which the Fisher is averaged (default: %(default)s)",
+    )
+    p.add_argument(
+        "--show-units",
+        type=int,
+        default=4,
+        help="the zoomed heat-map shows the weights of this many output units (default: %(default)s)",
+    )
+    p.add_argument(
+        "--checkpoints", type=int, default=10, help="Fisher evaluations along training (default: %(default)s)"
+    )
+
+
+def run(args: argparse.Namespace, out) -> dict:
+    ds = common.load_data(args.data)
+    x = ds.train_x
+    if args.data is not None:
+        x = datasets.downsample(x, args.size)
+    x = x.reshape(x.shape[0], -1)[: args.train_samples]
+    y = ds.train_y[: args.train_samples]
+    x_f = x[: args.fisher_samples]
+    n_classes = int(y.max()) + 1
+    if not 1 <= args.layer <= args.depth + 1:
+        raise common.UsageError(f"--layer {args.layer}: the MLP has {args.depth + 1} linear layers")
+    lrs = common.parse_lrs(args.lr, args.methods, DEFAULT_LR)
+    pcfg = common.ProngConfig(interval=args.interval, eps=args.eps, num_samples=args.num_samples)
+    every = max(1, args.updates // args.checkpoints)
+
+    def build(bn):
+        return build_mlp(x.shape[1], args.hidden, args.depth, n_classes, bn)
+
+    def loss_fn(model, batch):
+        return F.cross_entropy(model(batch[0]), batch[1])
+
+    def evaluate(model):
+        logits = model(x)
+        return {
+            "train_loss": F.cross_entropy(logits, y).item(),
+            "train_error": (logits.argmax(1) != y).double().mean().item(),
+        }
+
+    def fisher_cond(t, setup):
+        layer = linear_layers(setup.model)[args.layer - 1]
+        cond, lam = condition_number(exact_fisher(setup.model, layer, x_f))
+        return {"condition_number": cond, "lambda_max": lam[-1].item(), "lambda_min": lam[0].item()}
+
+    results = []
+    models = {}
+    for m in args.methods:
+        common.set_seed(args.seed)
+        setup = common.setup_method(build, m, lrs[m], args.momentum, pcfg)
+        gen = torch.Generator().manual_seed(args.seed + 1)
+        r = common.train(
+            setup,
+            loss_fn,
+            common.batches((x, y), args.batch_size, gen),
+            args.updates,
+            evaluate,
+            every,
+            method=m,
+            lr=lrs[m],
+            quiet=args.quiet,
+            callback=fisher_cond,
+        )
+        results.append(r)
+        models[m] = setup.model
+
+    # Fig. 2a-b: the block of the trained plain network, before and after whitening it.
+    base_method = next((m for m in ("sgd", "rmsprop", "bn") if m in models), None)
+    blocks = []
+    if base_method is not None:
+        for stage, model in (("init", None), ("trained", models[base_method])):
+            if model is None:
+                common.set_seed(args.seed)
+                model = build(base_method == "bn")
+            model.eval()
+            before = exact_fisher(model, linear_layers(model)[args.layer - 1], x_f)
+            white = copy.deepcopy(model)
+            prong_ext.whiten(white)
+            prong = prong_ext.Prong(white, None, **pcfg.kwargs())
+            prong.reparametrize(x[: args.num_samples])
+            white.eval()
+            after = exact_fisher(white, linear_layers(white)[args.layer - 1], x_f)
+            cb, lb = condition_number(before)
+            ca, la = condition_number(after)
+            blocks.append(
+                {
+                    "stage": stage,
+                    "model": base_method,
+                    "cond_before": cb,
+                    "cond_after": ca,
+                    "reduction_pct": 100 * (1 - ca / cb),
+                    "lam": (lb, la),
+                    "F": (before, after),
+                }
+            )
+        spectrum = [
+            {
+                "stage": b["stage"],
+                "index": i,
+                "eig_before": b["lam"][0][i].item(),
+                "eig_after": b["lam"][1][i].item(),
+            }
+            for b in blocks
+            for i in range(b["lam"][0].numel())
+        ]
+        common.write_csv(out / "spectrum.csv", spectrum)
+        n_in = linear_layers(models[base_method])[args.layer - 1].weight.shape[1]
+        plot_blocks(
+            blocks[-1]["F"],
+            out / "fisher_blocks.png",
+            f"Fisher block of layer {args.layer} ({base_method}, trained)",
+            n_in,
+            args.show_units,
+        )
+        plot_spectra(blocks, out / "fisher_spectrum.png")
+
+    common.write_csv(out / "curves.csv", common.curve_rows(results))
+    common.plot_curves(
+        results,
+        "update",
+        "condition_number",
+        out / "condition_number.png",
+        title=f"condition number of the Fisher block of layer {args.layer}",
+        xlabel="updates",
+        ylabel="lambda_max / lambda_min",
+    )
+    common.plot_curves(
+        results,
+        "update",
+        "train_loss",
+        out / "train_loss.png",
+        title="training loss",
+        xlabel="updates",
+        ylabel="cross-entropy",
+    )
+
+    rows = [
+        [
+            r.method,
+            r.lr,
+            r.records[0]["condition_number"],
+            r.final("condition_number"),
+            r.final("train_loss"),
+            r.final("train_error"),
+        ]
+        for r in results
+    ]
+    header = ["method", "lr", "cond at t=0", "cond at end", "final train loss", "final train error"]
+    btab = [[b["stage"], b["model"], b["cond_before"], b["cond_after"], b["reduction_pct"]] for b in blocks]
+    bhead = ["network", "trained with", "cond before whitening", "cond after whitening", "reduction %"]
+    common.write_csv(out / "summary.csv", [dict(zip(header, r)) for r in rows])
+    common.write_csv(out / "whitening.csv", [dict(zip(bhead, r)) for r in btab])
+    sizes = [x.shape[1]] + [args.hidden] * args.depth + [n_classes]
+    md = [
+        f"# Fisher conditioning ({ds.name})",
+        "",
+        f"Command: `{common.command_line(args.argv)}`  ",
+        f"MLP {'-'.join(map(str, sizes))} (tanh), {x.shape[0]} training images, Fisher block of linear "
+        f"layer {args.layer} ({sizes[args.layer]}x{sizes[args.layer - 1]} weights) "
+        f"averaged exactly over {x_f.shape[0]} images and all classes; batch {args.batch_size}, "
+        f"{args.updates} updates, T={args.interval}, eps={args.eps:g}, momentum={args.momentum:g}, "
+        f"seed {args.seed}.  ",
+        f"Environment: {common.environment_line()}.",
+        "",
+        "## Whitening the layer (Fig. 2a-b)",
+        "",
+        common.md_table(bhead, btab),
+        "",
+        "![](fisher_blocks.png) ![](fisher_spectrum.png)",
+        "",
+        "## Condition number during training (Fig. 2c)",
+        "",
+        "Measured in each method's own coordinates (V for prong, W otherwise; bn in eval mode).",
+        "",
+        common.md_table(header, rows),
+        "",
+        "![](condition_number.png) ![](train_loss.png)",
+        "",
+    ]
+    (out / "summary.md").write_text("\n".join(md))
+    print(common.text_table(bhead, btab))
+    print()
+    print(common.text_table(header, rows))
+    return {"results": results, "blocks": blocks}
+
+
+def plot_blocks(
+    blocks: tuple[torch.Tensor, torch.Tensor], path, title: str, n_in: int, units: int = 4
+) -> None:
+    """|F| of the whole block (log scale, top) and of the weights of the first ``units`` output
+    units (linear scale, bottom: the paper's Fig. 2a-b shows such a zoom)."""
+    plt = common.pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(10, 9.5))
+    k = min(units * n_in, blocks[0].shape[0])
+    for col, (f, name) in enumerate(zip(blocks, ("before whitening (W)", "after whitening (V)"))):
+        a = f.abs() / f.abs().max()
+        im = axes[0, col].imshow(a.numpy(), cmap="viridis", norm=_lognorm(a), interpolation="nearest")
+        axes[0, col].set_title(f"{name}: all weights, log scale")
+        fig.colorbar(im, ax=axes[0, col], fraction=0.046)
+        z = f[:k, :k].abs()
+        z = z / z.max()
+        im = axes[1, col].imshow(z.numpy(), cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+        axes[1, col].set_title(f"{name}: first {k // n_in} units, linear scale")
+        fig.colorbar(im, ax=axes[1, col], fraction=0.046)
+        for ax in axes[:, col]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(title + "  (|F| / max |F|)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _lognorm(a):
+    from matplotlib.colors import LogNorm
+
+    pos = a[a > 0]
+    vmin = max(pos.min().item(), 1e-6) if pos.numel() else 1e-6
+    return LogNorm(vmin=vmin, vmax=1.0)
+
+
+def plot_spectra(blocks: list[dict], path) -> None:
+    plt = common.pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for b, ls in zip(blocks, ("--", "-")):
+        lb, la = b["lam"]
+        ax.plot(lb.flip(0).clamp_min(1e-30).numpy(), ls, color="C0", label=f"{b['stage']}: before")
+        ax.plot(la.flip(0).clamp_min(1e-30).numpy(), ls, color="C3", label=f"{b['stage']}: after")
+    ax.set_yscale("log")
+    ax.set_xlabel("eigenvalue index")
+    ax.set_ylabel("eigenvalue of the Fisher block")
+    ax.legend(fontsize=8)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
