@@ -37,7 +37,8 @@ class Prong:
     just before: forward pre-hooks on the whitened layers, registered only for the last
     ceil(num_samples / batch) steps before a re-whitening (no extra forward pass, no cost
     outside that window), counting forward passes in training mode only. The first re-whitening
-    sees only the first batch; call `reparametrize(data)` before training for a larger sample.
+    sees only the first batch; for a larger sample call `reparametrize(data)` before training,
+    which then is the whitened initialization (the first `step()` does not redo it).
 
     For every layer, with statistics mu and Sigma of its input h (PRONG.md):
     W, b = V U, d - V U c (canonical); c = mu; U from Sigma's eigenpairs with eps; V = W U^-1;
@@ -117,6 +118,7 @@ class Prong:
         self.timings = dict.fromkeys(_TIMINGS, 0.0)
         self.num_reparametrizations = 0
         self._step = 0
+        self._initialized = False  # reparametrize() was called before the first update
         self._examples_per_step: float | None = None
         self._window: dict[str, ops.CovarianceAccumulator] | None = None
         self._window_steps = 0
@@ -136,7 +138,8 @@ class Prong:
         """Call after optimizer.step(); re-whitens when the update count is a multiple of
         `interval`. Returns True when it re-whitened."""
         done = False
-        if self._step % self.interval == 0:
+        explicit_init = self._step == 0 and self._initialized
+        if self._step % self.interval == 0 and not explicit_init:
             if self._window is None or all(a.count == 0 for a in self._window.values()):
                 raise RuntimeError(
                     f"Prong.step() is due to re-whiten at update {self._step} but no statistics "
@@ -149,12 +152,17 @@ class Prong:
             done = True
         elif self._window is not None:
             self._window_steps += 1
+            if explicit_init:  # the initial window is not needed
+                self._close_window()
         self._step += 1
         self._schedule_window()
         return done
 
     def reparametrize(self, data: torch.Tensor | Iterable | None = None) -> None:
         """Re-whitens every layer now.
+
+        Called before the first update, it is the whitened initialization, and the first
+        `step()` does not re-whiten again.
 
         Args:
             data: None to use the statistics the training forward passes gathered so far in the
@@ -177,8 +185,10 @@ class Prong:
             self._reparametrize(self._window)
             self._close_window()
             self._schedule_window()
-            return
-        self._reparametrize(self._gather(data))
+        else:
+            self._reparametrize(self._gather(data))
+        if self._step == 0:
+            self._initialized = True
 
     # ------------------------------------------------------------------------------------------
     # Statistics
@@ -434,6 +444,7 @@ class Prong:
         """Step counter, configuration, timings and any partial statistics, keyed by layer name."""
         return {
             "step": self._step,
+            "initialized": self._initialized,
             "interval": self.interval,
             "num_samples": self.num_samples,
             "eps": self.eps,
@@ -462,6 +473,7 @@ class Prong:
             )
         self._close_window()
         self._step = int(state["step"])
+        self._initialized = bool(state["initialized"])
         self.interval = int(state["interval"])
         self.num_samples = int(state["num_samples"])
         self.eps = float(state["eps"])

@@ -170,6 +170,25 @@ def test_window_statistics_equal_reparametrize_on_the_same_batches():
         torch.testing.assert_close(prong.layers[name].c, ref.layers[name].c)
 
 
+def test_reparametrize_before_training_is_the_whitened_initialization():
+    model, shape = _whitened("mlp")
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    prong = Prong(model, opt, interval=4, num_samples=32)
+    prong.reparametrize(data(shape, n=32, seed=9))
+    initial = model[0].U.clone()
+    done = []
+    for t in range(6):
+        opt.zero_grad()
+        model(data(shape, n=16, seed=t)).sum().backward()
+        opt.step()
+        done.append(prong.step())
+        if t == 0:
+            assert torch.equal(model[0].U, initial)
+            assert not model[0]._forward_pre_hooks  # the initial window was closed
+    assert done == [False, False, False, False, True, False]
+    assert prong.num_reparametrizations == 2
+
+
 def test_window_hooks_exist_only_inside_the_window():
     model, shape = _whitened("mlp")
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
