@@ -10,7 +10,8 @@
 #      this machine may have no GPU).
 #
 # Environment: CUDA_HOME (default /usr/local/cuda), TORCH_CUDA_ARCH_LIST (default "8.0;9.0"),
-# PRONG_EXT_CUDA_VENV (default .venv-cuda), PRONG_EXT_CUDA_TORCH (default torch==2.14.1).
+# PRONG_EXT_CUDA_VENV (default .venv-cuda; a relative path is taken from the checkout, an absolute
+# one lets several checkouts share one CUDA venv), PRONG_EXT_CUDA_TORCH (default torch==2.14.1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -20,7 +21,11 @@ TORCH_SPEC=${PRONG_EXT_CUDA_TORCH:-torch==2.14.1}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0"}
 unset PRONG_EXT_NO_EXTENSION PRONG_EXT_FORCE_CPU
-PY="$ROOT/$VENV/bin/python"
+case $VENV in
+    /*) ;;
+    *) VENV="$ROOT/$VENV" ;;
+esac
+PY="$VENV/bin/python"
 log() { printf '[build_wheel] %s\n' "$*"; }
 
 [ -x "$CUDA_HOME/bin/nvcc" ] || { log "no nvcc in CUDA_HOME=$CUDA_HOME"; exit 1; }
@@ -28,6 +33,7 @@ log() { printf '[build_wheel] %s\n' "$*"; }
 start=$(date +%s)
 if [ ! -x "$PY" ]; then
     log "creating $VENV"
+    mkdir -p "$(dirname "$VENV")"
     python3 -m venv "$VENV"
     "$PY" -m pip install -q -U pip
 fi
