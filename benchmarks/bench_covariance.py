@@ -1,0 +1,108 @@
+"""Covariance of conv-layer inputs: "naive" (reference.covariance: permute to rows, center, one
+matmul) vs "prong" (ops.covariance, backend='auto': Triton on CUDA, the fused torch path on the
+CPU), on the same NCHW float32 input (contiguous and channels_last), products in float32 for both;
+the peer "torch.cov" (rows permuted, correction=0) beside them.
+
+Floor: M = N*H*W rows of C features; the symmetric product is M*C*(C+1)/2 multiply-adds, about
+M*C^2 flops; the input is read once (4*M*C bytes) and the (C, C) result written in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from common import sync
+
+from prong_ext import ops, reference
+
+IMPLS = ("naive", "prong", "torch.cov")  # torch.cov: a peer (rows permuted, correction=0)
+LAYOUTS = ("contiguous", "channels_last")
+
+# (N, C, H) with W = H: ResNet-like conv inputs
+SHAPES = {
+    "full": [(32, 64, 32), (32, 128, 16), (16, 256, 8), (32, 256, 8)],
+    "quick": [(16, 64, 32), (32, 256, 8)],
+    "tiny": [(2, 5, 4)],
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    n: int
+    c: int
+    h: int
+    layout: str
+    impl: str
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.n, self.c, self.h, self.h)
+
+    @property
+    def group(self) -> str:
+        return f"covariance N={self.n} C={self.c} {self.h}x{self.h} {self.layout}"
+
+    @property
+    def id(self) -> str:
+        return f"{self.n}x{self.c}x{self.h}x{self.h}-{self.layout}-{self.impl}"
+
+
+def cases(size: str, device: str) -> list[Case]:
+    return [Case(n, c, h, layout, impl) for n, c, h in SHAPES[size] for layout in LAYOUTS for impl in IMPLS]
+
+
+def floor_counts(case: Case) -> dict:
+    m = case.n * case.h * case.h
+    return {"flops": m * case.c * case.c, "bytes": 4 * m * case.c + 8 * case.c * case.c}
+
+
+def make_input(case: Case, device: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(case.shape, generator=g).add_(0.5).to(device)
+    if case.layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def make_runner(case: Case, device: str, x: torch.Tensor | None = None):
+    """fn() -> (mean, cov, count), synchronized."""
+    x = make_input(case, device) if x is None else x
+    if case.impl == "naive":
+
+        def fn():
+            out = reference.covariance(x, dtype=torch.float32)
+            sync(device)
+            return out
+
+    elif case.impl == "prong":
+
+        def fn():
+            out = ops.covariance(x, backend="auto")
+            sync(device)
+            return out
+
+    else:
+
+        def fn():
+            rows = x.movedim(1, -1).reshape(-1, case.c)
+            out = rows.mean(0), torch.cov(rows.T, correction=0), rows.shape[0]
+            sync(device)
+            return out
+
+    return fn
+
+
+def test_covariance(timed, case, device):
+    counts = floor_counts(case)
+    timed(
+        make_runner(case, device),
+        group=case.group,
+        op="covariance",
+        impl=case.impl,
+        shape=list(case.shape),
+        layout=case.layout,
+        dtype="float32",
+        device=device,
+        **counts,
+    )

@@ -1,0 +1,478 @@
+"""Runs the benchmark suite on the device present and writes the report.
+
+    python benchmarks/run.py [--quick] [--out benchmarks/results] [--device auto|cpu|cuda]
+                             [--threads N] [--only covariance,whitened,whitening,eigh,e2e]
+
+Each bench file runs under pytest-benchmark in its own pytest process (--benchmark-json into a
+temporary file); the medians are then paired by group ("naive" and "prong" on the same inputs in
+one group) and written under --out:
+
+- results.md: tables of the ratios (naive/prong, prong/plain layer, PRONG step/SGD step at
+  T=100, the reparametrization's share) with their targets and floors, and the device;
+- results.json: device, versions, CPU count, the roofline, shapes, every raw median;
+- ratios.png: the ratios against their targets;
+- pytest.log: the pytest-benchmark console tables.
+
+Targets are figures beside the measurements, never asserted. --quick runs a short shape list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+FILES = {
+    "covariance": "bench_covariance.py",
+    "whitened": "bench_whitened.py",
+    "whitening": "bench_whitening.py",
+    "eigh": "bench_eigh.py",  # written by another engineer: included when present
+    "e2e": "bench_e2e.py",
+}
+
+# what the issue asks for; (comparison, value)
+TARGETS = {
+    "covariance naive/prong": (">=", 1.2),
+    "conv prong/plain": ("<=", 1.10),
+    "conv1x1 naive/prong": (">=", 1.5),
+    "conv3x3 naive/prong": (">=", 1.0),
+    "linear naive/prong": (">=", 1.5),
+    "whitening naive/prong": (">=", 1.0),
+    "eigh naive/prong": (">=", 1.0),
+    "e2e resnet18 prong/sgd": ("<=", 1.10),
+    "e2e autoencoder prong/sgd": ("<=", 2.0),
+    "e2e reparam share cuda": ("<=", 0.05),
+}
+
+
+def _met(ratio: float | None, target: tuple[str, float] | None) -> str:
+    if ratio is None or target is None:
+        return ""
+    op, value = target
+    ok = ratio >= value if op == ">=" else ratio <= value
+    return "yes" if ok else "**no**"
+
+
+def _fmt_target(target) -> str:
+    return "" if target is None else f"{'≥' if target[0] == '>=' else '≤'} {target[1]:g}"
+
+
+def _ms(seconds: float | None) -> str:
+    return "" if seconds is None else f"{1e3 * seconds:.3g}"
+
+
+def _x(ratio: float | None) -> str:
+    return "" if ratio is None else f"{ratio:.2f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def run_file(path: Path, json_out: Path, env: dict, log) -> tuple[int, float]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(path),
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-o",
+        "addopts=",
+        f"--benchmark-json={json_out}",
+        "--benchmark-columns=median,min,max,rounds",
+        "--benchmark-sort=name",
+    ]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    log.write(f"$ {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}\n")
+    log.flush()
+    if proc.returncode not in (0, 5):  # 5: nothing collected (e.g. bench_eigh without _C)
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
+        print(f"  {path.name} failed (exit {proc.returncode}):\n{tail}", file=sys.stderr)
+    return proc.returncode, wall
+
+
+def collect(json_path: Path, source: str) -> list[dict]:
+    if not json_path.exists() or json_path.stat().st_size == 0:
+        return []
+    data = json.loads(json_path.read_text())
+    rows = []
+    for b in data.get("benchmarks", []):
+        extra = dict(b.get("extra_info") or {})
+        impl = extra.get("impl") or str(b.get("param") or b["name"]).rstrip("]").split("-")[-1]
+        rows.append(
+            {
+                "file": source,
+                "group": b.get("group") or b["name"],
+                "name": b["name"],
+                "impl": impl,
+                "median_s": b["stats"]["median"],
+                "min_s": b["stats"]["min"],
+                "rounds": b["stats"]["rounds"],
+                "extra_info": extra,
+            }
+        )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+def _by_group(rows: list[dict], source: str) -> dict[str, dict[str, dict]]:
+    groups: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        if r["file"] == source:
+            groups.setdefault(r["group"], {})[r["impl"]] = r
+    return groups
+
+
+def _ratio(a: dict | None, b: dict | None, key: str = "median_s") -> float | None:
+    if not a or not b or not b.get(key) or a.get(key) is None:
+        return None
+    return a[key] / b[key]
+
+
+def build_report(rows: list[dict], meta: dict) -> tuple[str, list[dict]]:
+    """Markdown text and the list of ratios (for the JSON and the plot)."""
+    ratios: list[dict] = []
+    roof = meta["roofline"]
+    cuda = meta["device_type"] == "cuda"
+
+    def add(section, label, ratio, key=None, floor=None):
+        target = TARGETS.get(key) if key else None
+        ratios.append(
+            {
+                "section": section,
+                "label": label,
+                "ratio": ratio,
+                "target": None if target is None else list(target),
+                "met": _met(ratio, target).strip("*") or None,
+                "floor": floor,
+            }
+        )
+        return target
+
+    out = [
+        "# prong_ext benchmarks",
+        "",
+        f"Device: **{meta['device']}** ({meta['device_type']}); Python {meta['python']}, torch "
+        f"{meta['torch']}, Triton {meta['triton'] or 'not installed'}; {meta['cpu_count']} CPUs, "
+        f"{meta['threads']} torch threads; size `{meta['size']}`; run took {meta['wall_s']:.0f} s.",
+        f"Roofline measured here: float32 GEMM {roof['gemm_gflops']:.0f} GFLOP/s, copy "
+        f"{roof['copy_gbps']:.1f} GB/s (read + write).",
+        "",
+    ]
+    load = meta.get("loadavg_1min", {}).get("start")
+    if load is not None and load > 0.5 * meta["cpu_count"]:
+        out += [
+            f"**The machine was busy when the run started** (1-minute load average {load:.1f} on "
+            f"{meta['cpu_count']} CPUs): the timings are noisy; quote a quiet run.",
+            "",
+        ]
+    out += [
+        "Times are pytest-benchmark medians in ms (synchronized, after warm-up). Ratios above 1 in "
+        "a naive/prong column mean prong is faster. Targets are figures to compare, not asserted.",
+        "",
+    ]
+
+    groups = _by_group(rows, "covariance")
+    if groups:
+        out += [
+            "## Covariance (NCHW float32, float32 products)",
+            "",
+            "Floor: max(M*C^2 flops / GEMM rate, 4*M*C bytes / copy rate), M = N*H*W.",
+            "",
+            "| shape | layout | naive ms | prong ms | torch.cov ms | naive/prong | target | met "
+            "| floor ms | prong/floor |",
+            "|---|---|---:|---:|---:|---:|---|---|---:|---:|",
+        ]
+        for g in groups.values():
+            p = g.get("prong")
+            ex = (p or g.get("naive"))["extra_info"]
+            floor = max(ex["flops"] / (roof["gemm_gflops"] * 1e9), ex["bytes"] / (roof["copy_gbps"] * 1e9))
+            r = _ratio(g.get("naive"), p)
+            t = add("covariance", f"cov {tuple(ex['shape'])} {ex['layout']}", r, "covariance naive/prong")
+            out.append(
+                f"| {tuple(ex['shape'])} | {ex['layout']} | {_ms(g.get('naive', {}).get('median_s'))} "
+                f"| {_ms(p and p['median_s'])} | {_ms(g.get('torch.cov', {}).get('median_s'))} "
+                f"| {_x(r)} | {_fmt_target(t)} | {_met(r, t)} "
+                f"| {_ms(floor)} | {_x(p and p['median_s'] / floor)} |"
+            )
+        out.append("")
+
+    groups = _by_group(rows, "whitened")
+    if groups:
+        out += [
+            "## Whitened conv and linear, forward + backward (float32)",
+            "",
+            "prong/plain: the whitened layer against the plain nn.Conv2d / nn.Linear it replaces; its "
+            "flop floor is 1 + 2*C_in/(3*N*H_out*W_out) (the fold, forward and backward). naive/prong: "
+            "against the two-step form; 'best' is the flop bound naive_floor/prong_floor (1x1 convs: "
+            "at most 5/3; linear layers with batch <= width: 1.0, ops.whitened_linear then computes "
+            "the two-step form itself).",
+            "",
+            "| layer | plain ms | naive ms | prong ms | prong/plain | target | met | floor "
+            "| naive/prong | target | met | best |",
+            "|---|---:|---:|---:|---:|---|---|---:|---:|---|---|---:|",
+        ]
+        for g in groups.values():
+            p, n, pl = g.get("prong"), g.get("naive"), g.get("plain")
+            ex = (p or n or pl)["extra_info"]
+            shape = ex["shape"]
+            if ex["op"] == "whitened_conv":
+                k = shape["k"]
+                label = f"conv{k}x{k} N={shape['N']} C={shape['C_in']} {shape['H']}x{shape['W']}"
+                key = f"conv{shape['k']}x{shape['k']} naive/prong" if shape["k"] in (1, 3) else None
+                t1 = add(
+                    "whitened", f"{label} prong/plain", _ratio(p, pl), "conv prong/plain", ex["prong_floor"]
+                )
+            else:
+                label = f"linear {shape['in']}x{shape['out']} batch={shape['rows']}"
+                key = "linear naive/prong"
+                t1 = add("whitened", f"{label} prong/plain", _ratio(p, pl), None, ex["prong_floor"])
+            best = ex["naive_floor"] / ex["prong_floor"]
+            t2 = add("whitened", f"{label} naive/prong", _ratio(n, p), key, best)
+            r1, r2 = _ratio(p, pl), _ratio(n, p)
+            out.append(
+                f"| {label} | {_ms(pl and pl['median_s'])} | {_ms(n and n['median_s'])} "
+                f"| {_ms(p and p['median_s'])} | {_x(r1)} | {_fmt_target(t1)} | {_met(r1, t1)} "
+                f"| {ex['prong_floor']:.3f} | {_x(r2)} | {_fmt_target(t2)} | {_met(r2, t2)} | {best:.2f} |"
+            )
+        out.append("")
+
+    for source, title in (
+        ("whitening", "Whitening (U, U^-1) of a network's layers"),
+        ("eigh", "Batched eigh"),
+    ):
+        groups = _by_group(rows, source)
+        if not groups:
+            continue
+        impls = sorted({i for g in groups.values() for i in g if i not in ("naive", "prong")})
+        out += [
+            f"## {title}",
+            "",
+            "| case | naive ms | prong ms | "
+            + "".join(f"{i} ms | " for i in impls)
+            + "naive/prong | target | met |",
+            "|---|---:|---:|" + "---:|" * len(impls) + "---:|---|---|",
+        ]
+        for name, g in groups.items():
+            r = _ratio(g.get("naive"), g.get("prong"))
+            t = add(source, name, r, f"{source} naive/prong")
+            others = "".join(f"{_ms(g.get(i, {}).get('median_s'))} | " for i in impls)
+            out.append(
+                f"| {name} | {_ms(g.get('naive', {}).get('median_s'))} | "
+                f"{_ms(g.get('prong', {}).get('median_s'))} | {others}{_x(r)} | {_fmt_target(t)} "
+                f"| {_met(r, t)} |"
+            )
+        out.append("")
+
+    groups = _by_group(rows, "e2e")
+    if groups:
+        out += [
+            "## End to end: one training step, amortized over T = 100 updates",
+            "",
+            "T: sgd = median step; naive = median step + one reparametrization (timed alone) / 100; "
+            "prong = ((100 - n) * median step + the n steps of one statistics window, the "
+            "re-whitening step included, each timed) / 100. Shares: Prong.timings (statistics, "
+            "eigh, projection) over the interval / (100 * T). The paper: PRONG 3.2x SGD per epoch, "
+            "38% of the time in the reparametrization (statistics 4%; eigh on the CPU).",
+            "",
+            "Flop floor: GEMM flops of the PRONG step over the SGD step's (bench_e2e.flop_floors): "
+            "'ops' with the forms prong_ext.ops picks today (convs always fold), 'best' with the "
+            "cheaper exact form per layer (fold or whitening the activations).",
+            "",
+            "| model | SGD step ms | naive T ms | prong T ms | naive/SGD | PRONG/SGD | target | met "
+            "| flop floor ops / best | reparam share (stats / eigh / proj) | target | naive share |",
+            "|---|---:|---:|---:|---:|---:|---|---|---|---|---|---:|",
+        ]
+        for name, g in groups.items():
+            s, n, p = (g.get(k) for k in ("sgd", "naive", "prong"))
+            ex = (s or p or n)["extra_info"]
+            model = ex["model"]
+            rn = rp = None
+            if s and n:
+                rn = n["extra_info"]["T_s"] / s["extra_info"]["T_s"]
+            if s and p:
+                rp = p["extra_info"]["T_s"] / s["extra_info"]["T_s"]
+            t = add("e2e", f"{model} PRONG/SGD", rp, f"e2e {model} prong/sgd")
+            add("e2e", f"{model} naive/SGD", rn)
+            share = p["extra_info"].get("reparam_share") if p else None
+            st = None
+            if share is not None:
+                st = add(
+                    "e2e",
+                    f"{model} reparam share",
+                    share,
+                    "e2e reparam share cuda" if cuda else None,
+                )
+            sh = p["extra_info"]["shares"] if p else {}
+            share_txt = (
+                f"{100 * share:.1f}% ({100 * sh['statistics']:.1f} / {100 * sh['eigh']:.1f} / "
+                f"{100 * sh['projection']:.1f})"
+                if share is not None
+                else ""
+            )
+            nshare = n["extra_info"].get("reparam_share") if n else None
+            out.append(
+                f"| {name.removeprefix('e2e ')} | {_ms(s and s['extra_info']['T_s'])} "
+                f"| {_ms(n and n['extra_info']['T_s'])} | {_ms(p and p['extra_info']['T_s'])} "
+                f"| {_x(rn)} | {_x(rp)} | {_fmt_target(t)} | {_met(rp, t)} "
+                f"| {ex['flop_floor_ops']:.2f} / {ex['flop_floor_best']:.2f} | {share_txt} "
+                f"| {_fmt_target(TARGETS['e2e reparam share cuda'])}{'' if cuda else ' (GPU)'}"
+                f"{(' ' + _met(share, st)) if st else ''} "
+                f"| {'' if nshare is None else f'{100 * nshare:.1f}%'} |"
+            )
+        out.append("")
+
+    failed = {k: v for k, v in meta["files"].items() if v["rc"] not in (0, 5)}
+    if failed:
+        out += ["## Failures", ""] + [
+            f"- {k}: pytest exit code {v['rc']} (see pytest.log)" for k, v in failed.items()
+        ]
+        out.append("")
+    return "\n".join(out), ratios
+
+
+def plot(ratios: list[dict], meta: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    items = [r for r in ratios if r["ratio"] is not None and "share" not in r["label"]]
+    if not items:
+        return
+    fig, ax = plt.subplots(figsize=(9, 0.28 * len(items) + 1.5))
+    ys = range(len(items))
+    colors = []
+    for r in items:
+        colors.append({"yes": "tab:green", "no": "tab:red"}.get(r["met"], "tab:gray"))
+    ax.barh(list(ys), [r["ratio"] for r in items], color=colors, height=0.6)
+    for y, r in zip(ys, items):
+        if r["target"] is not None:
+            ax.plot([r["target"][1]] * 2, [y - 0.4, y + 0.4], color="black", lw=2)
+        ax.text(r["ratio"], y, f" {r['ratio']:.2f}", va="center", fontsize=7)
+    ax.axvline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set_yticks(list(ys))
+    ax.set_yticklabels([f"{r['section']}: {r['label']}" for r in items], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("ratio (black tick: target; green: met, red: missed, gray: no target)")
+    ax.set_title(f"prong_ext benchmarks on {meta['device']} ({meta['size']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _loadavg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a much shorter shape list")
+    parser.add_argument(
+        "--size", choices=("full", "quick", "tiny"), help="overrides --quick (tiny: smoke test)"
+    )
+    parser.add_argument("--out", default=str(HERE / "results"), help="output folder")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--only", help=f"comma-separated subset of {','.join(FILES)}")
+    args = parser.parse_args(argv)
+
+    import torch
+    from common import device_name, pick_device, roofline
+
+    start = time.perf_counter()
+    load_start = _loadavg()
+    size = args.size or ("quick" if args.quick else "full")
+    device = pick_device(args.device)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    only = list(FILES) if not args.only else [s.strip() for s in args.only.split(",")]
+    unknown = set(only) - set(FILES)
+    if unknown:
+        parser.error(f"unknown --only entries {sorted(unknown)}; choose from {list(FILES)}")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    print(f"prong_ext benchmarks: {device_name(device)}, size {size}, output {out_dir}", flush=True)
+    roof = roofline(device, quick=size != "full")
+    env = dict(os.environ)
+    env.update(PRONG_BENCH_SIZE=size, PRONG_BENCH_DEVICE=device, PRONG_BENCH_THREADS=str(args.threads))
+    env.pop("TRITON_INTERPRET", None)  # the benchmarks time compiled kernels (or none)
+
+    rows: list[dict] = []
+    files: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp, open(out_dir / "pytest.log", "w") as log:
+        for key in only:
+            path = HERE / FILES[key]
+            if not path.exists():
+                print(f"  {FILES[key]}: not present, skipped", flush=True)
+                continue
+            json_out = Path(tmp) / f"{key}.json"
+            rc, wall = run_file(path, json_out, env, log)
+            new = collect(json_out, key)
+            rows += new
+            files[key] = {"file": FILES[key], "rc": rc, "wall_s": wall, "benchmarks": len(new)}
+            print(f"  {FILES[key]}: {len(new)} benchmarks in {wall:.0f} s (exit {rc})", flush=True)
+
+    meta = {
+        "device": device_name(device),
+        "device_type": device,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "tf32": {
+            "matmul": torch.backends.cuda.matmul.allow_tf32,
+            "cudnn": torch.backends.cudnn.allow_tf32,
+        },
+        "size": size,
+        "roofline": roof,
+        "files": files,
+        "wall_s": time.perf_counter() - start,
+        "loadavg_1min": {"start": load_start, "end": _loadavg()},
+    }
+    text, ratios = build_report(rows, meta)
+    (out_dir / "results.md").write_text(text + "\n")
+    (out_dir / "results.json").write_text(
+        json.dumps({**meta, "ratios": ratios, "results": rows}, indent=1) + "\n"
+    )
+    plot(ratios, meta, out_dir / "ratios.png")
+    print(text)
+    print(f"\nwrote {out_dir / 'results.md'}, results.json, ratios.png in {meta['wall_s']:.0f} s")
+    return 0 if all(v["rc"] in (0, 5) for v in files.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
