@@ -168,36 +168,32 @@ class CovarianceAccumulator:
 def _batch_moments(x: torch.Tensor, dtype: torch.dtype) -> tuple[int, torch.Tensor, torch.Tensor]:
     """Count, float64 mean and float64 centered sum of outer products of one (N, C, *) batch.
 
-    Products are taken in `dtype` (inputs of lower precision are upcast on the fly).
+    The rows are shifted by an estimate of the mean (computed in `dtype`) and the shift is
+    removed exactly afterwards, M2 = G - n (mean - shift)(mean - shift)^T, so no float64 pass
+    over the data is needed. Products are taken in `dtype` (lower precisions upcast on the fly).
+    NCHW-like inputs with 8x8 images or larger are read in place: every example is a (C, L)
+    block with positions contiguous, so G = sum_n X_n X_n^T, one GEMM per example accumulated in
+    place, with no transposing copy.
     """
     c = x.shape[1]
     positions = x[0, 0].numel() if x.dim() > 2 else 1
-    if positions >= 64 and x.stride(1) != 1 and c > 1:  # NCHW-like, 8x8 images and larger
-        return _batch_moments_per_example(x, dtype)
-    rows = x.movedim(1, -1).reshape(-1, c)  # a view for (M, C) and channels_last inputs
-    n = rows.shape[0]
-    mean = rows.sum(0, dtype=torch.float64) / n
-    centered = rows - mean.to(dtype)
-    return n, mean, (centered.T @ centered).double()
-
-
-def _batch_moments_per_example(x: torch.Tensor, dtype: torch.dtype):
-    """NCHW-like inputs, read in place: every example is a (C, L) block with positions
-    contiguous, so sum_r h_r h_r^T = sum_n X_n X_n^T, one GEMM per example accumulated in place,
-    with no transposing copy.
-
-    The rows are shifted by the first example's mean (close to the batch mean) and the shift is
-    removed exactly afterwards: M2 = G - n (mean - shift)(mean - shift)^T.
-    """
-    xs = x.flatten(2)  # (N, C, L)
-    n = xs.shape[0] * xs.shape[2]
-    shift = xs[0].mean(-1, dtype=torch.float64)
-    centered = xs - shift.to(dtype)[:, None]
-    offset = centered.sum((0, 2), dtype=torch.float64) / n
-    gram = centered.new_zeros(xs.shape[1], xs.shape[1])
-    for example in centered:
-        gram.addmm_(example, example.T)
-    return n, shift + offset, gram.double() - n * torch.outer(offset, offset)
+    if positions >= 64 and x.stride(1) != 1 and c > 1:
+        xs = x.flatten(2)  # (N, C, L)
+        shift = xs[0].mean(-1, dtype=dtype)  # the first example's mean: close to the batch's
+        centered = xs - shift[:, None]
+        gram = centered.new_zeros(c, c)
+        for example in centered:
+            gram.addmm_(example, example.T)
+        sums = centered.sum((0, 2))
+    else:
+        rows = x.movedim(1, -1).reshape(-1, c)  # a view for (M, C) and channels_last inputs
+        shift = rows.mean(0, dtype=dtype)
+        centered = rows - shift
+        gram = centered.T @ centered
+        sums = centered.sum(0)
+    n = x.numel() // c
+    offset = sums.double() / n
+    return n, shift.double() + offset, gram.double() - n * torch.outer(offset, offset)
 
 
 def covariance(
@@ -340,8 +336,10 @@ def mul_in(a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """
     if a.dim() == 2:
         return a @ m
-    # m^T (J, I) @ a[o] (I, taps) for every o, one broadcast batched GEMM.
-    return torch.matmul(m.T, a.flatten(2)).view(a.shape[0], m.shape[1], *a.shape[2:])
+    # One GEMM over the (o, tap) rows; the layout changes touch only weight-sized tensors.
+    rows = a.movedim(1, -1).reshape(-1, a.shape[1])
+    out = (rows @ m).view(a.shape[0], *a.shape[2:], m.shape[1])
+    return out.movedim(-1, 1).contiguous()
 
 
 def fold(
@@ -377,6 +375,23 @@ def _fold_op(backend, V, d, U, c):
     return fold(V, d, U, c)
 
 
+def _activation_bias(V, d, U, c):
+    """Bias when the whitening is applied to the activations instead of folded:
+    z = V (U h) + d - V U c (summed over taps), since pad(U h) = U pad(h) for every padding mode."""
+    if c is None:
+        return d
+    vuc = taps_sum(V) @ (U @ c)
+    return -vuc if d is None else d - vuc
+
+
+def _fold_is_cheaper(x: torch.Tensor, V: torch.Tensor, backend: str) -> bool:
+    """The fold costs C_out * taps * C_in^2, whitening the activations positions * C_in^2 (for
+    the forward pass, and as much again for the backward): fold when C_out * taps <= positions.
+    backend='triton' always folds (it is the Triton fold kernel that was asked for)."""
+    positions = x.numel() // max(V.shape[1], 1)
+    return backend == "triton" or V[:, 0].numel() <= positions
+
+
 def whitened_linear(
     x: torch.Tensor,
     V: torch.Tensor,
@@ -390,7 +405,7 @@ def whitened_linear(
 
     Picks the cheaper exact form from the shapes: folding (W, b) costs out * in^2 per pass,
     whitening the activations costs rows * in^2 (rows = x.numel() / in). The fold is used when
-    out <= rows (the usual case); a small batch through a wide layer whitens the activations.
+    out <= rows; a small batch through a wide layer whitens the activations instead.
 
     Args:
         x: (*, in); V: (out, in); d: (out,) or None; U: (in, in); c: (in,) or None (zero).
@@ -401,10 +416,8 @@ def whitened_linear(
     """
     _check_backend(backend, ("auto", "torch", "triton"), "whitened_linear")
     _check_layer(x, V, U, c, dim=-1)
-    rows = x.numel() // max(V.shape[1], 1)
-    if V.shape[0] > rows and backend != "triton":
-        h = x if c is None else x - c
-        return F.linear(F.linear(h, U), V, d)
+    if not _fold_is_cheaper(x, V, backend):
+        return F.linear(F.linear(x, U), V, _activation_bias(V, d, U, c))
     W, b = _fold_op(backend, V, d, U, c)
     return F.linear(x, W, b)
 
@@ -423,7 +436,9 @@ def whitened_conv2d(
     backend: str = "auto",
 ) -> torch.Tensor:
     """The whitened convolution conv(U (pad(h) - c), V) + d as one conv: the 1x1 whitening
-    conv is folded into the following conv's weights and bias.
+    conv is folded into the following conv's weights and bias. Where the fold would cost more
+    than whitening the activations (C_out * kh * kw > N * H * W, small images through wide
+    layers), the 1x1 whitening conv runs on the input instead, with the centre in the bias.
 
     Args:
         x: (N, C_in, H, W) or (C_in, H, W); V: (C_out, C_in, kh, kw); d: (C_out,) or None;
@@ -436,7 +451,11 @@ def whitened_conv2d(
     """
     _check_backend(backend, ("auto", "torch", "triton"), "whitened_conv2d")
     _check_layer(x, V, U, c, dim=-3)
-    W, b = _fold_op(backend, V, d, U, c)
+    if _fold_is_cheaper(x, V, backend):
+        W, b = _fold_op(backend, V, d, U, c)
+    else:
+        x = F.conv2d(x, U[:, :, None, None])
+        W, b = V, _activation_bias(V, d, U, c)
     if padding_mode != "zeros":
         dil = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
         pad = reference.conv_padding(padding, tuple(V.shape[2:]), dil)

@@ -119,6 +119,7 @@ class Prong:
         self.num_reparametrizations = 0
         self._step = 0
         self._initialized = False  # reparametrize() was called before the first update
+        self._u_inv: dict[str, tuple[int, torch.Tensor]] = {}
         self._examples_per_step: float | None = None
         self._window: dict[str, ops.CovarianceAccumulator] | None = None
         self._window_steps = 0
@@ -369,14 +370,16 @@ class Prong:
             raise ValueError(
                 f"re-whitening gave non-finite parameters for layer(s) {bad}; no layer was changed"
             )
-        moments = [self._transform_moments(self.layers[n], new, old) for n, (new, old) in zip(names, updates)]
+        moments = [self._transform_moments(n, new, old) for n, (new, old) in zip(names, updates)]
         with torch.no_grad():
-            for name, (new, _), moment in zip(names, updates, moments):
+            for name, (new, _), moment, u_inv in zip(names, updates, moments, u_invs):
                 layer = self.layers[name]
                 for attr, value in new.items():
                     if value is not None:
                         getattr(layer, attr).copy_(value)
                 self._apply_moments(layer, moment)
+                # U^-1 for the next transform of the moments, valid while U is not written again
+                self._u_inv[name] = (layer.U._version, u_inv)
         self._sync(mats[0])
         self.timings["projection"] += time.perf_counter() - start
         self.num_reparametrizations += 1
@@ -393,8 +396,9 @@ class Prong:
         new_d = None if d is None else b + ops.taps_sum(W) @ c
         return {"V": ops.mul_in(W, u_inv), "d": new_d, "U": u, "c": c}, (U_old, c_old)
 
-    def _transform_moments(self, layer: _Whitened, new: dict, old: tuple) -> dict:
+    def _transform_moments(self, name: str, new: dict, old: tuple) -> dict:
         """New optimizer state for V and d (computed, not yet written)."""
+        layer = self.layers[name]
         opt = self.optimizer
         if opt is None or self.optimizer_state == "keep":
             return {}
@@ -402,6 +406,8 @@ class Prong:
             return {"reset": True}
         out = {}
         f64 = torch.float64
+        u_old, c_old = old
+        u_inv_old = None
         state_v = opt.state.get(layer.V, {})
         state_d = opt.state.get(layer.d, {}) if layer.d is not None else {}
         for key in _FIRST_MOMENTS:
@@ -410,15 +416,24 @@ class Prong:
                 continue
             g_d = state_d.get(key)
             g_d = g_d.to(f64) if isinstance(g_d, torch.Tensor) else None
-            u_old, c_old = old
+            if u_inv_old is None:
+                u_inv_old = self._old_u_inv(name, u_old)
             # the covector in theta = (W, b): g_W = g_V U^-T + g_d c^T (at every tap)
-            g_w = ops.mul_in(g_v.to(f64), torch.linalg.inv(u_old).T)
+            g_w = ops.mul_in(g_v.to(f64), u_inv_old.T)
             if g_d is not None:
                 g_w = g_w + _outer_taps(g_d, c_old, g_w)
                 # back to the new coordinates: g_V' = (g_W - g_d c'^T) U'^T; g_d' = g_d
                 g_w = g_w - _outer_taps(g_d, new["c"], g_w)
             out[key] = ops.mul_in(g_w, new["U"].T)
         return out
+
+    def _old_u_inv(self, name: str, u_old: torch.Tensor) -> torch.Tensor:
+        """U^-1 of the layer's current U: kept from the eigenpairs of the last re-whitening while
+        U has not been written since, else inverted."""
+        cached = self._u_inv.get(name)
+        if cached is not None and cached[0] == self.layers[name].U._version:
+            return cached[1]
+        return torch.linalg.inv(u_old)
 
     def _apply_moments(self, layer: _Whitened, moment: dict) -> None:
         opt = self.optimizer

@@ -80,8 +80,11 @@ def test_whitened_linear_equals_reference(n_in, n_out, rows):
     assert torch.autograd.gradcheck(lambda x, V, d: ops.whitened_linear(x, V, d, U, c), (x, V, d))
 
 
+# C_out * k^2 against N * H * W picks the form: the fold, or whitening the activations ("act")
 CONV_CASES = [
     dict(c_in=3, c_out=4, k=3, stride=1, padding=1, dilation=1),
+    dict(c_in=3, c_out=8, k=3, stride=1, padding=1, dilation=1, n=1, hw=(4, 5)),  # act
+    dict(c_in=2, c_out=9, k=3, stride=2, padding=2, dilation=2, n=1, hw=(5, 5)),  # act
     dict(c_in=1, c_out=2, k=1, stride=1, padding=0, dilation=1),
     dict(c_in=5, c_out=3, k=3, stride=2, padding=2, dilation=2),
     dict(c_in=4, c_out=2, k=2, stride=(2, 1), padding=(0, 1), dilation=1),
@@ -98,7 +101,8 @@ def test_whitened_conv2d_equals_reference(case, bias, backend):
     U, c = _random_whitening(c_in)
     if not bias:
         c = torch.zeros(c_in, dtype=torch.float64)
-    x = torch.randn(2, c_in, 6, 5, dtype=torch.float64, requires_grad=True)
+    n, (h, w) = case.get("n", 2), case.get("hw", (6, 5))
+    x = torch.randn(n, c_in, h, w, dtype=torch.float64, requires_grad=True)
     conv = dict(stride=case["stride"], padding=case["padding"], dilation=case["dilation"])
     out = ops.whitened_conv2d(x, V, d, U, c if bias else None, **conv, backend=backend)
     ref = reference.whitened_conv2d(x, V, d, U, c, **conv)
@@ -116,12 +120,13 @@ def test_whitened_conv2d_equals_reference(case, bias, backend):
         assert torch.autograd.gradcheck(f, inputs)
 
 
+@pytest.mark.parametrize("batch", [1, 2])  # whitened activations, fold
 @pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
-def test_padding_modes_equal_reference(mode):
+def test_padding_modes_equal_reference(mode, batch):
     V = torch.randn(3, 2, 3, 3, dtype=torch.float64)
     d = torch.randn(3, dtype=torch.float64)
     U, c = _random_whitening(2)
-    x = torch.randn(1, 2, 5, 5, dtype=torch.float64)
+    x = torch.randn(batch, 2, 5, 5, dtype=torch.float64)
     out = ops.whitened_conv2d(x, V, d, U, c, 1, 1, 1, mode)
     torch.testing.assert_close(out, reference.whitened_conv2d(x, V, d, U, c, 1, 1, 1, mode))
 
