@@ -1,6 +1,7 @@
 // CPU kernels of prong_ext::batched_eigh and prong_ext::whitening: LAPACK through ATen
-// (at::linalg_eigh, one call per matrix), the matrices spread over the intra-op threads,
-// largest first. Contract: eigh_common.h.
+// (at::linalg_eigh, one call per matrix): matrices of 256 and wider one at a time (LAPACK
+// threads each), the smaller ones spread over the intra-op threads, largest first.
+// Contract: eigh_common.h.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
@@ -26,6 +27,10 @@ constexpr double kParallelMinWork = 1e6;
 // Calls fn(i) for every matrix, largest first, pulling from a shared counter so that one large
 // matrix does not hold back a thread's whole chunk. One matrix, or little work, runs inline
 // (where LAPACK may still use all threads itself).
+// Matrices at least this wide run one at a time, LAPACK spreading each over every thread;
+// inside at::parallel_for LAPACK runs single-threaded, which loses on a few large matrices.
+constexpr int64_t kSerialMinSize = 256;
+
 template <typename F>
 void for_each_matrix(at::TensorList mats, const F& fn) {
   const int64_t count = static_cast<int64_t>(mats.size());
@@ -33,12 +38,19 @@ void for_each_matrix(at::TensorList mats, const F& fn) {
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(),
                    [&](int64_t a, int64_t b) { return mats[a].size(0) > mats[b].size(0); });
+  int64_t first_small = 0;
+  while (first_small < count && mats[order[first_small]].size(0) >= kSerialMinSize) {
+    fn(order[first_small++]);
+  }
   double work = 0;
-  for (const at::Tensor& m : mats) work += std::pow(static_cast<double>(m.size(0)), 3);
-  std::atomic<int64_t> next{0};
+  for (int64_t k = first_small; k < count; ++k) {
+    work += std::pow(static_cast<double>(mats[order[k]].size(0)), 3);
+  }
+  const int64_t small = count - first_small;
+  std::atomic<int64_t> next{first_small};
   const int64_t workers = work < kParallelMinWork
                               ? 1
-                              : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count));
+                              : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), small));
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     for (int64_t k = next.fetch_add(1); k < count; k = next.fetch_add(1)) fn(order[k]);
   });
