@@ -339,7 +339,9 @@ def mul_in(a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     # One GEMM over the (o, tap) rows; the layout changes touch only weight-sized tensors.
     rows = a.movedim(1, -1).reshape(-1, a.shape[1])
     out = (rows @ m).view(a.shape[0], *a.shape[2:], m.shape[1])
-    return out.movedim(-1, 1).contiguous()
+    # clone, not contiguous(): oneDNN conv backward mishandled the odd strides that a
+    # "contiguous" view keeps on size-1 dims (1x1 kernels): heap corruption in torch 2.13 CPU
+    return out.movedim(-1, 1).clone(memory_format=torch.contiguous_format)
 
 
 def fold(

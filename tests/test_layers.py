@@ -176,3 +176,12 @@ def test_unknown_backend_raises():
         ops.whitened_linear(torch.randn(2, 3), torch.randn(2, 3), None, torch.eye(3), None, backend="cuda")
     with pytest.raises(ValueError, match="no 'extension' backend"):
         ops.covariance(torch.randn(4, 3), backend="extension")
+
+
+@pytest.mark.parametrize("kernel", [(1, 1), (3, 1), (3, 3)])
+def test_fold_gives_standard_strides(kernel):
+    # oneDNN's conv backward corrupted the heap (torch 2.13, CPU) on a 1x1 weight whose size-1
+    # dims kept odd strides; the folded weight must have plain contiguous strides
+    V = torch.randn(5, 3, *kernel)
+    W, _ = ops.fold(V, None, torch.eye(3), None)
+    assert W.stride() == torch.empty(W.shape).stride()
