@@ -151,11 +151,12 @@ def whitened_widths(model: nn.Module) -> list[int]:
 def flop_floors(case: Case) -> dict:
     """GEMM flops of one fwd+bwd step of the plain model, and PRONG's ratio to it.
 
-    Per whitened layer (input rows r = N*Hp*Wp positions of the padded input, k x k kernel):
-    plain 3 products of 2*r_out*C_out*C_in*k^2 (2 for the first layer: no input gradient);
-    fold: 2 products of 2*C_out*C_in^2*k^2; whitening the activations (the two-step form):
-    2*r*C_in^2 per product, forward and input gradient. "ops" is what prong_ext.ops picks today
-    (convs always fold; linear layers fold when out <= rows); "best" the cheaper form per layer.
+    Per whitened layer (input rows r = N*H*W positions of the input, k x k kernel): plain 3
+    products of 2*r_out*C_out*C_in*k^2 (2 for the first layer: no input gradient); fold: 2
+    products of 2*C_out*C_in^2*k^2; whitening the activations (1x1 by U on the input, the
+    centre in the bias): 2*r*C_in^2 per product, forward and input gradient. "ops" is what
+    prong_ext.ops picks (fold when C_out*k^2 <= r, its rule from the forward costs); "best"
+    the cheaper form per layer from these counts.
     Elementwise work (batch norm, activations, the optimizer) is left out.
     """
     model = _model(case).to("meta")
@@ -175,20 +176,14 @@ def flop_floors(case: Case) -> dict:
     for i, (m, xin, out) in enumerate(layers):
         products = 2 if i == 0 else 3
         if isinstance(m, nn.Linear):
-            rows, cin, cout, taps = xin.numel() // xin[-1], m.in_features, m.out_features, 1
-            out_rows, rows_p = rows, rows
+            cin, cout, taps = m.in_features, m.out_features, 1
         else:
             cin, cout, taps = m.in_channels, m.out_channels, m.kernel_size[0] * m.kernel_size[1]
-            out_rows = out.numel() // cout
-            ph, pw = m.padding if isinstance(m.padding, tuple) else (0, 0)
-            rows_p = xin[0] * (xin[2] + 2 * ph) * (xin[3] + 2 * pw)
+        rows, out_rows = xin.numel() // cin, out.numel() // cout
         plain += products * 2 * out_rows * cout * cin * taps
         fold = 2 * 2 * cout * cin * cin * taps
-        act = (products - 1) * 2 * rows_p * cin * cin
-        if isinstance(m, nn.Linear):
-            ops_extra += fold if cout <= rows else act
-        else:
-            ops_extra += fold
+        act = (products - 1) * 2 * rows * cin * cin
+        ops_extra += fold if cout * taps <= rows else act
         best_extra += min(fold, act)
     return {
         "plain_gflop": plain / 1e9,
@@ -335,7 +330,7 @@ def test_e2e(timed, benchmark, case, device):
     trainer.step()  # step 0: PRONG's whitened initialization; a warm-up for all
     median = timed(
         trainer.step,
-        warmup=0,  # step 0 was the warm-up; the call that sizes the rounds is a second one
+        warmup=3,  # the first steps after step 0 run slower (allocator and oneDNN warm-up)
         group=case.group,
         op="e2e",
         impl=case.impl,

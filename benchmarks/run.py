@@ -293,8 +293,8 @@ def build_report(rows: list[dict], meta: dict) -> tuple[str, list[dict]]:
             "38% of the time in the reparametrization (statistics 4%; eigh on the CPU).",
             "",
             "Flop floor: GEMM flops of the PRONG step over the SGD step's (bench_e2e.flop_floors): "
-            "'ops' with the forms prong_ext.ops picks today (convs always fold), 'best' with the "
-            "cheaper exact form per layer (fold or whitening the activations).",
+            "'ops' with the forms prong_ext.ops picks (fold when C_out*k^2 <= N*H*W, else whiten "
+            "the activations), 'best' with the cheaper exact form per layer by these flop counts.",
             "",
             "| model | SGD step ms | naive T ms | prong T ms | naive/SGD | PRONG/SGD | target | met "
             "| flop floor ops / best | reparam share (stats / eigh / proj) | target | naive share |",
