@@ -419,7 +419,8 @@ def whitened_linear(
     _check_backend(backend, ("auto", "torch", "triton"), "whitened_linear")
     _check_layer(x, V, U, c, dim=-1)
     if not _fold_is_cheaper(x, V, backend):
-        return F.linear(F.linear(x, U), V, _activation_bias(V, d, U, c))
+        # here rows < out, so centering x (rows * in) costs less than moving c into the bias
+        return F.linear(F.linear(x if c is None else x - c, U), V, d)
     W, b = _fold_op(backend, V, d, U, c)
     return F.linear(x, W, b)
 
