@@ -65,24 +65,12 @@ def squared_error(model: nn.Module, x: torch.Tensor, chunk: int = 4096) -> float
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--updates", type=int, default=2000, help="optimizer updates per method (default: %(default)s)"
-    )
-    p.add_argument("--batch-size", type=int, default=64, help="minibatch size (default: %(default)s)")
-    p.add_argument(
-        "--methods",
-        default="sgd,rmsprop,bn,prong,prong+",
-        help="comma-separated subset of sgd,rmsprop,bn,prong,prong+ (default: %(default)s)",
-    )
-    p.add_argument(
-        "--lr",
-        action="append",
-        default=[],
-        metavar="METHOD=LR",
-        help="learning rate of one method, repeatable (defaults, tuned on the digits and scaled by "
-        "64/pixels for other images except rmsprop's: "
-        + ", ".join(f"{k}={v:g}" for k, v in DEFAULT_LR.items())
-        + ")",
+    common.add_training_arguments(
+        p,
+        updates=2000,
+        methods="sgd,rmsprop,bn,prong,prong+",
+        default_lr=DEFAULT_LR,
+        lr_note="defaults, tuned on the digits and scaled by 64/pixels for other images except rmsprop's",
     )
     p.add_argument(
         "--momentum",

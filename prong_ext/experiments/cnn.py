@@ -43,22 +43,7 @@ def build_cnn(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--updates", type=int, default=1000, help="updates per method (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=64, help="minibatch size (default: %(default)s)")
-    p.add_argument(
-        "--methods",
-        default="sgd,bn,prong,prong+",
-        help="comma-separated subset of sgd,rmsprop,bn,prong,prong+ (default: %(default)s)",
-    )
-    p.add_argument(
-        "--lr",
-        action="append",
-        default=[],
-        metavar="METHOD=LR",
-        help="learning rate of one method, repeatable (defaults: "
-        + ", ".join(f"{k}={v:g}" for k, v in DEFAULT_LR.items())
-        + ")",
-    )
+    common.add_training_arguments(p, updates=1000, methods="sgd,bn,prong,prong+", default_lr=DEFAULT_LR)
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
     p.add_argument("--width", type=int, default=16, help="channels of the first block (default: %(default)s)")
     p.add_argument(

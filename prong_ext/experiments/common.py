@@ -75,6 +75,30 @@ def make_optimizer(method: str, params: Iterable[nn.Parameter], lr: float, momen
     return torch.optim.SGD(params, lr=lr, momentum=momentum)
 
 
+def add_training_arguments(
+    p, *, updates: int, methods: str, default_lr: dict[str, float], lr_note: str = "defaults"
+) -> None:
+    """The options every training subcommand shares: --updates, --batch-size, --methods, --lr."""
+    p.add_argument(
+        "--updates", type=int, default=updates, help="optimizer updates per method (default: %(default)s)"
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="minibatch size (default: %(default)s)")
+    p.add_argument(
+        "--methods",
+        default=methods,
+        help=f"comma-separated subset of {','.join(METHODS)} (default: %(default)s)",
+    )
+    p.add_argument(
+        "--lr",
+        action="append",
+        default=[],
+        metavar="METHOD=LR",
+        help=f"learning rate of one method, repeatable ({lr_note}: "
+        + ", ".join(f"{k}={v:g}" for k, v in default_lr.items())
+        + ")",
+    )
+
+
 def parse_lrs(specs: list[str], methods: list[str], defaults: dict[str, float]) -> dict[str, float]:
     """Learning rate per method: ``defaults`` overridden by ``--lr METHOD=LR`` specs."""
     lrs = dict(defaults)

@@ -127,24 +127,7 @@ def condition_number(fisher: torch.Tensor) -> tuple[float, torch.Tensor]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--updates", type=int, default=2000, help="optimizer updates per method (default: %(default)s)"
-    )
-    p.add_argument("--batch-size", type=int, default=64, help="minibatch size (default: %(default)s)")
-    p.add_argument(
-        "--methods",
-        default="sgd,rmsprop,bn,prong",
-        help="comma-separated subset of sgd,rmsprop,bn,prong,prong+ (default: %(default)s)",
-    )
-    p.add_argument(
-        "--lr",
-        action="append",
-        default=[],
-        metavar="METHOD=LR",
-        help="learning rate of one method, repeatable (defaults: "
-        + ", ".join(f"{k}={v:g}" for k, v in DEFAULT_LR.items())
-        + ")",
-    )
+    common.add_training_arguments(p, updates=2000, methods="sgd,rmsprop,bn,prong", default_lr=DEFAULT_LR)
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
     p.add_argument("--hidden", type=int, default=32, help="units per hidden layer (default: %(default)s)")
     p.add_argument("--depth", type=int, default=3, help="tanh hidden layers (default: %(default)s)")
