@@ -102,44 +102,32 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'python -m prong_ext SUBCOMMAND -h' for the options of each experiment.",
     )
     sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
-    p = sub.add_parser(
-        "autoencoder",
-        help="deep auto-encoder: sgd, rmsprop, bn, prong, prong+ (Fig. 3)",
-        description=autoencoder.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    autoencoder.add_arguments(p)
-    _common(p, "autoencoder", 100, IDX_HELP)
-    p = sub.add_parser(
-        "fisher",
-        help="exact Fisher block and its condition number (Fig. 2)",
-        description=fisher.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    fisher.add_arguments(p)
-    _common(p, "fisher", 100, IDX_HELP + "; images are downsampled to --size")
-    p = sub.add_parser(
-        "sweep",
-        help="sensitivity to eps and T, whitened vs fan-in init (Fig. 3a-b)",
-        description=sweep.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sweep.add_arguments(p)
-    _common(p, "sweep", 100, IDX_HELP)
-    p = sub.add_parser(
-        "cnn",
-        help="VGG-like convnet: prong, prong+ vs sgd, bn",
-        description=cnn.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    cnn.add_arguments(p)
-    _common(
-        p,
-        "cnn",
-        100,
-        "Fashion-MNIST/MNIST IDX data as for autoencoder (default: Debian's "
-        "/usr/share/datasets/fashion-mnist when installed, else scikit-learn's digits)",
-    )
+    subcommands = [
+        ("autoencoder", autoencoder, "deep auto-encoder: sgd, rmsprop, bn, prong, prong+ (Fig. 3)", IDX_HELP),
+        (
+            "fisher",
+            fisher,
+            "exact Fisher block and its condition number (Fig. 2)",
+            IDX_HELP + "; images are downsampled to --size",
+        ),
+        ("sweep", sweep, "sensitivity to eps and T, whitened vs fan-in init (Fig. 3a-b)", IDX_HELP),
+        (
+            "cnn",
+            cnn,
+            "VGG-like convnet: prong, prong+ vs sgd, bn",
+            "Fashion-MNIST/MNIST IDX data as for autoencoder (default: Debian's "
+            "/usr/share/datasets/fashion-mnist when installed, else scikit-learn's digits)",
+        ),
+    ]
+    for name, module, summary, data_help in subcommands:
+        p = sub.add_parser(
+            name,
+            help=summary,
+            description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(p)
+        _common(p, name, 100, data_help)
     return parser
 
 

@@ -122,10 +122,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, out) -> dict:
     """Train every method, write curves.csv, summary.csv, two plots and summary.md; print a table."""
-    ds = common.load_data(args.data)
-    x = ds.train_x.reshape(ds.train_x.shape[0], -1)
-    if args.train_samples:
-        x = x[: args.train_samples]
+    ds, x = common.train_rows(args)
     n_pix = x.shape[1]
     if args.arch:
         try:

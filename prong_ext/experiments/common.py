@@ -39,6 +39,14 @@ def load_data(path):
         raise UsageError(str(e)) from e
 
 
+def train_rows(args):
+    """The data set of --data (digits by default) and its training images as rows of pixels,
+    the first --train-samples of them when that is set."""
+    ds = load_data(args.data)
+    x = ds.train_x.reshape(ds.train_x.shape[0], -1)
+    return ds, (x[: args.train_samples] if args.train_samples else x)
+
+
 def set_seed(seed: int) -> None:
     """Seed Python, numpy and torch (CPU runs are then deterministic)."""
     random.seed(seed)

@@ -72,10 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, out) -> dict:
-    ds = common.load_data(args.data)
-    x = ds.train_x.reshape(ds.train_x.shape[0], -1)
-    if args.train_samples:
-        x = x[: args.train_samples]
+    ds, x = common.train_rows(args)
     sizes = DIGITS_ARCH if x.shape[1] == 64 else MNIST_ARCH if x.shape[1] == 784 else None
     if sizes is None:
         raise common.UsageError(f"sweep: no auto-encoder architecture for {x.shape[1]}-pixel images")
