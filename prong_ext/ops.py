@@ -81,9 +81,11 @@ def _use_extension(backend: str) -> bool:
 class CovarianceAccumulator:
     """Streaming mean and covariance of C features, merged batch by batch (Chan et al.).
 
-    Each batch is centered on its own mean before its outer products are summed, and batches are
-    merged exactly, so data with a large mean and a small spread keeps its relative accuracy.
-    Running totals are kept in float64.
+    Each batch is shifted by an estimate of its mean before its outer products are summed, the
+    shift is removed exactly, and batches are merged exactly, so data with a large mean and a
+    small spread keeps its relative accuracy. Running totals are kept in float64. On the Triton
+    path (CUDA, float32 products) one kernel launch per batch accumulates into float32 sums
+    shifted by the first sample.
 
     Args:
         num_features: C.
@@ -114,7 +116,13 @@ class CovarianceAccumulator:
             raise TypeError(f"expected a floating point input, got {x.dtype}")
         if x.numel() == 0:
             return
-        if self._triton_state is not None or (self.count == 0 and _use_triton(self.backend, x)):
+        triton_ok = x.dtype != torch.float64 and self.dtype == torch.float32
+        if self.backend == "triton" and not triton_ok:
+            raise ValueError(
+                f"backend='triton' takes float32 products of float32/16 inputs, got a {x.dtype} "
+                f"input with dtype={self.dtype}"
+            )
+        if self._triton_state is not None or (self.count == 0 and triton_ok and _use_triton(self.backend, x)):
             self._update_triton(x)
             return
         dtype = torch.float64 if x.dtype == torch.float64 else self.dtype

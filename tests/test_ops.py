@@ -75,6 +75,13 @@ def test_accumulator_streaming_equals_one_pass(backend):
     torch.testing.assert_close(restored.compute()[1], cov)
 
 
+def test_triton_accumulator_rejects_float64():
+    with pytest.raises(ValueError, match="float64"):
+        ops.CovarianceAccumulator(3, backend="triton").update(torch.randn(4, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="dtype=torch.float64"):
+        ops.CovarianceAccumulator(3, dtype=torch.float64, backend="triton").update(torch.randn(4, 3))
+
+
 def test_accumulator_rejects_bad_input():
     acc = ops.CovarianceAccumulator(3)
     with pytest.raises(ValueError, match=r"\(N, 3, \*\)"):
