@@ -218,7 +218,7 @@ class Prong:
                     return
                 x = x.detach()
                 if isinstance(mod, WhitenedLinear):
-                    x = x.reshape(-1, *x.shape[-1:]) if x.dim() != 1 else x[None]
+                    x = x.reshape(-1, x.shape[-1])  # (N, *, in) -> rows
                     per_example = x.shape[0] // max(examples, 1)
                     x = x[: room * per_example]
                 else:
