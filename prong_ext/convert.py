@@ -10,22 +10,26 @@ from .nn import WhitenedConv2d, WhitenedLinear
 __all__ = ["unwhiten", "whiten"]
 
 
+def _conv_args(layer: nn.Module, bias: bool) -> tuple:
+    """The positional constructor arguments shared by nn.Conv2d and WhitenedConv2d."""
+    return (
+        layer.in_channels,
+        layer.out_channels,
+        layer.kernel_size,
+        layer.stride,
+        layer.padding,
+        layer.dilation,
+        layer.groups,
+        bias,
+        layer.padding_mode,
+    )
+
+
 def _whitened_twin(layer: nn.Module) -> nn.Module | None:
     if type(layer) is nn.Linear:
         twin = WhitenedLinear(layer.in_features, layer.out_features, layer.bias is not None, device="meta")
     elif type(layer) is nn.Conv2d and layer.groups == 1:
-        twin = WhitenedConv2d(
-            layer.in_channels,
-            layer.out_channels,
-            layer.kernel_size,
-            layer.stride,
-            layer.padding,
-            layer.dilation,
-            layer.groups,
-            layer.bias is not None,
-            layer.padding_mode,
-            device="meta",
-        )
+        twin = WhitenedConv2d(*_conv_args(layer, layer.bias is not None), device="meta")
     else:
         return None
     # The plain layer's parameter objects become V and d, so an optimizer built on the plain
@@ -44,18 +48,7 @@ def _plain_twin(layer: nn.Module) -> nn.Module | None:
     if isinstance(layer, WhitenedLinear):
         plain = nn.Linear(layer.in_features, layer.out_features, layer.d is not None, device="meta")
     elif isinstance(layer, WhitenedConv2d):
-        plain = nn.Conv2d(
-            layer.in_channels,
-            layer.out_channels,
-            layer.kernel_size,
-            layer.stride,
-            layer.padding,
-            layer.dilation,
-            layer.groups,
-            layer.d is not None,
-            layer.padding_mode,
-            device="meta",
-        )
+        plain = nn.Conv2d(*_conv_args(layer, layer.d is not None), device="meta")
     else:
         return None
     weight, bias = layer.canonical()
