@@ -11,10 +11,15 @@ devices take a plain torch path. Under the Triton interpreter (TRITON_INTERPRET=
 CPU tensors) they are `torch.library.custom_op`s calling the launchers, with explicit fakes.
 
 Registration is fragment-style only: the C++ extension may define other ops of the namespace.
+
+Autocast: the public functions and the fold's autograd formulas run the ops with autocast off, so
+under torch.autocast the fold and its backward keep their inputs' dtypes (float32 parameters give
+a float32 fold) on every path, the torch fallback included.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import torch
@@ -37,6 +42,13 @@ INTERPRETED = not isinstance(_fold_kernel, JITFunction)
 _COV_SCHEMA = "(Tensor x, Tensor shift, Tensor(a!) s1, Tensor(b!) s2, bool allow_tf32=False) -> ()"
 _FOLD_SCHEMA = "(Tensor V, Tensor? d, Tensor U, Tensor c) -> (Tensor, Tensor)"
 _FOLD_BWD_SCHEMA = "(Tensor gW, Tensor gb, Tensor U, Tensor c) -> (Tensor, Tensor)"
+
+
+def _no_autocast(t: Tensor):
+    """Autocast off for t's device type while the ops run (a no-op outside autocast)."""
+    if torch.is_autocast_enabled(t.device.type):
+        return torch.autocast(t.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 # --- plain torch, for devices Triton does not run on -------------------------------------------
@@ -169,7 +181,8 @@ def _fold_autograd(ctx, gW: Tensor | None, gb: Tensor | None):
         gW = torch.zeros(shape, dtype=dtype, device=device)
     if gb is None:
         gb = torch.zeros(shape[0], dtype=dtype, device=device)
-    gV, gd = torch.ops.prong_ext.fold_backward(gW, gb, U, c)
+    with _no_autocast(gW):
+        gV, gd = torch.ops.prong_ext.fold_backward(gW, gb, U, c)
     return gV, (gd if ctx.has_d else None), None, None
 
 
@@ -185,7 +198,8 @@ def _fold_backward_autograd(ctx, ggV: Tensor | None, ggd: Tensor | None):
     shape, dtype, device = ctx.g_meta
     if ggV is None:
         ggV = torch.zeros(shape, dtype=dtype, device=device)
-    ggW, ggb = torch.ops.prong_ext.fold(ggV, ggd, U, c)
+    with _no_autocast(ggV):
+        ggW, ggb = torch.ops.prong_ext.fold(ggV, ggd, U, c)
     return ggW, ggb, None, None
 
 
@@ -205,14 +219,16 @@ def cov_accumulate(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor, *, allow_tf
         shift: (C,) float32. s1: (C,) float32. s2: (C, C) float32, symmetric.
         allow_tf32: TF32 products on CUDA (float32 accumulation either way).
     """
-    torch.ops.prong_ext.cov_accumulate(x, shift, s1, s2, allow_tf32)
+    with _no_autocast(x):
+        torch.ops.prong_ext.cov_accumulate(x, shift, s1, s2, allow_tf32)
 
 
 def fold(V: Tensor, d: Tensor | None, U: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     """Canonical weights of a whitened layer: W = V U per tap, b = d - sum_{i, taps} W[:, i] c[i].
 
     Differentiable in V and d (U and c are statistics buffers: they get no gradient). A whitened
-    conv is `F.conv2d(x, *fold(V, d, U, c), stride, padding, dilation)`.
+    conv is `F.conv2d(x, *fold(V, d, U, c), stride, padding, dilation)`. Runs with autocast off,
+    its backward too.
 
     Args:
         V: (O, I) or (O, I, kh, kw). d: (O,) or None. U: (I, I). c: (I,).
@@ -220,9 +236,11 @@ def fold(V: Tensor, d: Tensor | None, U: Tensor, c: Tensor) -> tuple[Tensor, Ten
     Returns:
         W (V's shape, contiguous, V's dtype) and b ((O,), V's dtype).
     """
-    return torch.ops.prong_ext.fold(V, d, U, c)
+    with _no_autocast(V):
+        return torch.ops.prong_ext.fold(V, d, U, c)
 
 
 def fold_backward(gW: Tensor, gb: Tensor, U: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     """gV[o, j, t] = sum_i (gW[o, i, t] - gb[o] c[i]) U[j, i] and gd = gb (a copy)."""
-    return torch.ops.prong_ext.fold_backward(gW, gb, U, c)
+    with _no_autocast(gW):
+        return torch.ops.prong_ext.fold_backward(gW, gb, U, c)

@@ -28,7 +28,7 @@ def _conv_args(layer: nn.Module, bias: bool) -> tuple:
 def _whitened_twin(layer: nn.Module) -> nn.Module | None:
     if type(layer) is nn.Linear:
         twin = WhitenedLinear(layer.in_features, layer.out_features, layer.bias is not None, device="meta")
-    elif type(layer) is nn.Conv2d and layer.groups == 1:
+    elif type(layer) is nn.Conv2d:
         twin = WhitenedConv2d(*_conv_args(layer, layer.bias is not None), device="meta")
     else:
         return None
@@ -37,9 +37,11 @@ def _whitened_twin(layer: nn.Module) -> nn.Module | None:
     weight = layer.weight
     twin.V = weight
     twin.d = layer.bias
-    n_in = weight.shape[1]
-    twin.U = torch.eye(n_in, device=weight.device, dtype=weight.dtype)
-    twin.c = torch.zeros(n_in, device=weight.device, dtype=weight.dtype)
+    groups = getattr(layer, "groups", 1)
+    k = weight.shape[1]
+    eye = torch.eye(k, device=weight.device, dtype=weight.dtype)
+    twin.U = eye if groups == 1 else eye.expand(groups, k, k).clone()  # identity blocks
+    twin.c = torch.zeros(k * groups, device=weight.device, dtype=weight.dtype)
     twin.train(layer.training)
     return twin
 
@@ -70,12 +72,12 @@ def _replace(model: nn.Module, make) -> nn.Module:
 
 
 def whiten(model: nn.Module) -> nn.Module:
-    """Replaces every nn.Linear and nn.Conv2d (groups=1) by its whitened twin, in place.
+    """Replaces every nn.Linear and nn.Conv2d by its whitened twin, in place.
 
     The twins start with U = I and c = 0, so the model computes exactly what it did. They reuse
     the plain layers' parameter objects as V and d: an optimizer created before keeps working.
-    Grouped convolutions and other layers are left as they are; hooks registered on a replaced
-    layer do not carry over.
+    Grouped convolutions get block-diagonal whitening (one k x k block per group); other layers
+    are left as they are; hooks registered on a replaced layer do not carry over.
 
     Returns:
         the model (the twin itself when `model` is a single layer).

@@ -4,6 +4,9 @@ A whitened layer computes z = V U (h - c) + d. V and d are the trained parameter
 and the bias's shapes); U and c are buffers set by prong_ext.Prong from the statistics of the
 layer's input, never by gradients. A fresh layer has U = I and c = 0, so it is exactly the plain
 layer, with the plain layer's initialization.
+
+A grouped WhitenedConv2d (groups G > 1) whitens block-diagonally: U is (G, k, k) with k = C_in / G,
+one block per group of input channels, so the layer is exactly as grouped as nn.Conv2d.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ class _Whitened(nn.Module):
     d: nn.Parameter | None
     U: torch.Tensor
     c: torch.Tensor
+    #: G: input channels form G blocks of k = num_features / G, whitened separately (convs only)
+    groups: int = 1
 
     def _make(self, weight_shape, n_in, bias, device, dtype):
         factory = {"device": device, "dtype": dtype}
@@ -35,19 +40,22 @@ class _Whitened(nn.Module):
             self.d = nn.Parameter(torch.empty(weight_shape[0], **factory))
         else:
             self.register_parameter("d", None)
-        self.register_buffer("U", torch.empty(n_in, n_in, **factory))
+        k = n_in // self.groups
+        u_shape = (n_in, n_in) if self.groups == 1 else (self.groups, k, k)
+        self.register_buffer("U", torch.empty(u_shape, **factory))
         self.register_buffer("c", torch.empty(n_in, **factory))
         self.reset_parameters()
 
     @property
     def num_features(self) -> int:
         """Width of the whitened input: in_features or in_channels."""
-        return self.V.shape[1]
+        return self.V.shape[1] * self.groups
 
     def reset_parameters(self) -> None:
-        """The plain layer's initialization of (V, d), with U = I and c = 0."""
+        """The plain layer's initialization of (V, d), with U = I (identity blocks) and c = 0."""
         with torch.no_grad():
-            self.U.copy_(torch.eye(self.num_features, dtype=self.U.dtype, device=self.U.device))
+            eye = torch.eye(self.U.shape[-1], dtype=self.U.dtype, device=self.U.device)
+            self.U.copy_(eye.expand_as(self.U))
             self.c.zero_()
         init.kaiming_uniform_(self.V, a=math.sqrt(5))
         if self.d is not None:
@@ -115,10 +123,13 @@ class WhitenedConv2d(_Whitened):
     """conv(U (pad(h) - c), V) + d, a drop-in replacement of nn.Conv2d.
 
     The whitening is across feature maps: U is (C_in, C_in) and c has C_in entries. Padding,
-    stride and dilation act on the layer input exactly as in nn.Conv2d.
+    stride and dilation act on the layer input exactly as in nn.Conv2d. With groups G > 1, V has
+    nn.Conv2d's grouped weight shape (C_out, C_in / G, kh, kw) and U is block-diagonal, stored as
+    (G, k, k) with k = C_in / G: block g whitens input channels g*k..(g+1)*k-1, the only ones
+    output channels g*C_out/G..(g+1)*C_out/G-1 see.
 
     Args:
-        as nn.Conv2d; groups > 1 is not supported yet.
+        as nn.Conv2d; in_channels and out_channels must be divisible by groups.
 
     Shape:
         x: (N, C_in, H, W) or (C_in, H, W) -> (N, C_out, H_out, W_out) or (C_out, H_out, W_out).
@@ -139,14 +150,12 @@ class WhitenedConv2d(_Whitened):
         dtype=None,
     ):
         super().__init__()
-        if groups != 1:
-            raise NotImplementedError(
-                f"WhitenedConv2d supports groups=1 only, got {groups=}; "
-                "whiten() leaves grouped convolutions as plain nn.Conv2d"
-            )
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}={value!r} must be a positive int")
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if value % groups:
+                raise ValueError(f"{name}={value} must be divisible by {groups=}")
         kernel_size, stride, dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
         for name, value in (("kernel_size", kernel_size), ("stride", stride), ("dilation", dilation)):
             if any(v <= 0 for v in value):
@@ -170,7 +179,7 @@ class WhitenedConv2d(_Whitened):
         self.dilation = dilation
         self.groups = groups
         self.padding_mode = padding_mode
-        self._make((out_channels, in_channels, *kernel_size), in_channels, bias, device, dtype)
+        self._make((out_channels, in_channels // groups, *kernel_size), in_channels, bias, device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.whitened_conv2d(
@@ -183,6 +192,7 @@ class WhitenedConv2d(_Whitened):
             self.padding,
             self.dilation,
             self.padding_mode,
+            self.groups,
         )
 
     def extra_repr(self) -> str:
@@ -191,6 +201,8 @@ class WhitenedConv2d(_Whitened):
             s += f", padding={self.padding}"
         if self.dilation != (1, 1):
             s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
         if self.d is None:
             s += ", bias=False"
         if self.padding_mode != "zeros":

@@ -11,10 +11,19 @@ Asking for a backend that is not available raises.
 
 Conventions (PRONG.md): a whitened layer computes z = V U (h - c) + d; its canonical parameters are
 W = V U (for convs, at every tap) and b = d - W c (summed over taps).
+
+Grouped convolutions (groups G > 1) whiten block-diagonally: the input's C channels form G blocks
+of k = C / G, U is (G, k, k) (block g acts on channels g*k..(g+1)*k-1) and output channel o, of
+group g(o) = o // (C_out / G), sees only its block: W[o] = V[o] U[g(o)], b[o] = d[o] - W[o] c_g(o).
+
+Mixed precision: under torch.autocast the fold (W, b), the activation form's bias and the
+statistics run with autocast off (in the parameters' / the accumulator's dtype); the layer's own
+linear or conv runs under autocast as the plain layer's would.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -25,9 +34,11 @@ from . import _extension, reference
 __all__ = [
     "CovarianceAccumulator",
     "batched_eigh",
+    "centre_term",
     "covariance",
     "fold",
     "mul_in",
+    "outer_taps",
     "taps_sum",
     "whitened_conv2d",
     "whitened_linear",
@@ -74,8 +85,30 @@ def _use_extension(backend: str) -> bool:
     return backend == "auto" and _extension.available()
 
 
+def _full_precision(device: torch.device):
+    """A context that turns autocast off for `device`'s type (a no-op outside autocast), so that
+    what runs inside keeps its inputs' dtypes (float32 parameters stay float32)."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 # ---------------------------------------------------------------------------------------------
 # Statistics
+
+
+def _check_groups(num_features: int, groups: int) -> int:
+    """k = num_features // groups, after checking that groups is a positive divisor."""
+    if not isinstance(groups, int) or groups < 1 or num_features % groups:
+        raise ValueError(f"{groups=} must be a positive int dividing {num_features=}")
+    return num_features // groups
+
+
+def _outer(a: torch.Tensor, b: torch.Tensor, groups: int) -> torch.Tensor:
+    """a b^T (C, C) for groups == 1; its G diagonal (k, k) blocks (G, k, k) otherwise."""
+    if groups == 1:
+        return torch.outer(a, b)
+    return a.view(groups, -1, 1) * b.view(groups, 1, -1)
 
 
 class CovarianceAccumulator:
@@ -84,28 +117,50 @@ class CovarianceAccumulator:
     Each batch is shifted by an estimate of its mean before its outer products are summed, the
     shift is removed exactly, and batches are merged exactly, so data with a large mean and a
     small spread keeps its relative accuracy. Running totals are kept in float64. On the Triton
-    path (CUDA, float32 products) one kernel launch per batch accumulates into float32 sums
-    shifted by the first sample.
+    path (CUDA, float32 products, groups == 1) one kernel launch per batch accumulates into
+    float32 sums shifted by the first sample. Under torch.autocast the products still run in
+    `dtype` (autocast is turned off inside).
+
+    With groups G > 1 only the G diagonal (k, k) blocks (k = C / G) of the covariance are
+    accumulated, by batched matmuls (no C x C product): the statistics of a grouped convolution,
+    whose group g sees channels g*k..(g+1)*k-1 only.
 
     Args:
         num_features: C.
+        groups: G, a divisor of C; 1 (default) for the full covariance.
         dtype: dtype of the per-batch products: float32 (default, fast) or float64. Inputs of
             any floating dtype are upcast to it; float64 inputs always use float64.
-        backend: "auto", "torch" or "triton".
+        backend: "auto", "torch" or "triton" (groups == 1 only; "auto" takes the torch path for
+            groups > 1).
     """
 
-    def __init__(self, num_features: int, *, dtype: torch.dtype = torch.float32, backend: str = "auto"):
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        groups: int = 1,
+        dtype: torch.dtype = torch.float32,
+        backend: str = "auto",
+    ):
         _check_backend(backend, ("auto", "torch", "triton"), "CovarianceAccumulator")
         if num_features < 1:
             raise ValueError(f"{num_features=} must be >= 1")
+        _check_groups(num_features, groups)
+        if groups > 1 and backend == "triton":
+            raise ValueError(
+                f"backend='triton' accumulates the full covariance (groups=1) only, got {groups=}; "
+                "use backend='auto' or 'torch'"
+            )
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"{dtype=} must be torch.float32 or torch.float64")
         self.num_features = num_features
+        self.groups = groups
         self.dtype = dtype
         self.backend = backend
         self.count = 0
         self.mean: torch.Tensor | None = None  # (C,) float64
-        self.m2: torch.Tensor | None = None  # (C, C) float64: sum (h - mean)(h - mean)^T
+        # float64 sum (h - mean)(h - mean)^T: (C, C), or its diagonal blocks (G, k, k)
+        self.m2: torch.Tensor | None = None
         self._triton_state = None  # (shift, s1, s2) in float32 while Triton accumulates
 
     def update(self, x: torch.Tensor) -> None:
@@ -116,18 +171,23 @@ class CovarianceAccumulator:
             raise TypeError(f"expected a floating point input, got {x.dtype}")
         if x.numel() == 0:
             return
-        triton_ok = x.dtype != torch.float64 and self.dtype == torch.float32
+        triton_ok = x.dtype != torch.float64 and self.dtype == torch.float32 and self.groups == 1
         if self.backend == "triton" and not triton_ok:
             raise ValueError(
                 f"backend='triton' takes float32 products of float32/16 inputs, got a {x.dtype} "
                 f"input with dtype={self.dtype}"
             )
-        if self._triton_state is not None or (self.count == 0 and triton_ok and _use_triton(self.backend, x)):
-            self._update_triton(x)
-            return
-        dtype = torch.float64 if x.dtype == torch.float64 else self.dtype
-        n, mean, m2 = _batch_moments(x, dtype)
-        self._merge(n, mean, m2)
+        with _full_precision(x.device):
+            if self._triton_state is not None and (self.backend == "torch" or _triton_ops() is None):
+                self._settle_triton()  # a restored Triton state continued on the torch path
+            if self._triton_state is not None or (
+                self.count == 0 and triton_ok and _use_triton(self.backend, x)
+            ):
+                self._update_triton(x)
+                return
+            dtype = torch.float64 if x.dtype == torch.float64 else self.dtype
+            n, mean, m2 = _batch_moments(x, dtype, self.groups)
+            self._merge(n, mean, m2)
 
     def _update_triton(self, x: torch.Tensor) -> None:
         if x.dim() == 3:  # (N, C, L): the kernel reads (M, C) and (N, C, H, W)
@@ -144,6 +204,13 @@ class CovarianceAccumulator:
         _triton_ops().cov_accumulate(x, *self._triton_state)
         self.count += x.numel() // self.num_features
 
+    def _settle_triton(self) -> None:
+        """Turns the Triton path's shifted float32 sums into the torch path's float64 mean and m2."""
+        shift, s1, s2 = (t.double() for t in self._triton_state)
+        offset = s1 / self.count
+        self.mean, self.m2 = shift + offset, s2 - self.count * torch.outer(offset, offset)
+        self._triton_state = None
+
     def _merge(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
         if self.count == 0:
             self.count, self.mean, self.m2 = n, mean, m2
@@ -151,11 +218,14 @@ class CovarianceAccumulator:
         total = self.count + n
         delta = mean - self.mean
         self.mean = self.mean + delta * (n / total)
-        self.m2 = self.m2 + m2 + torch.outer(delta, delta) * (self.count * n / total)
+        self.m2 = self.m2 + m2 + _outer(delta, delta, self.groups) * (self.count * n / total)
         self.count = total
 
     def compute(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Returns mean (C,), biased covariance (C, C) in float64 and the sample count."""
+        """Returns mean (C,), biased covariance in float64 and the sample count.
+
+        The covariance is (C, C) for groups == 1, its diagonal blocks (G, k, k) otherwise.
+        """
         if self.count == 0:
             raise ValueError("CovarianceAccumulator has no samples")
         if self._triton_state is not None:
@@ -165,15 +235,64 @@ class CovarianceAccumulator:
         return self.mean, self.m2 / self.count, self.count
 
     def state_dict(self) -> dict:
-        mean, cov, count = self.compute() if self.count else (None, None, 0)
-        return {"count": count, "mean": mean, "m2": None if cov is None else cov * count}
+        """The raw running state (copies), so that a restored accumulator continues bitwise.
 
-    def load_state_dict(self, state: dict) -> None:
-        self._triton_state = None
-        self.count, self.mean, self.m2 = int(state["count"]), state["mean"], state["m2"]
+        Keys: num_features, groups, count and, on the torch path, mean (C,) and m2 (the float64
+        centred sums, (C, C) or (G, k, k); None before the first sample), on the Triton path
+        shift (C,), s1 (C,) and s2 (C, C), its float32 shifted sums.
+        """
+        state = {"num_features": self.num_features, "groups": self.groups, "count": self.count}
+        if self._triton_state is not None:
+            state.update(zip(("shift", "s1", "s2"), (t.clone() for t in self._triton_state)))
+        else:
+            state["mean"] = None if self.mean is None else self.mean.clone()
+            state["m2"] = None if self.m2 is None else self.m2.clone()
+        return state
+
+    def load_state_dict(self, state: dict, device: torch.device | str | None = None) -> None:
+        """Restores what state_dict() returned (also the older {count, mean, m2} form).
+
+        Args:
+            state: a state_dict() of an accumulator with the same num_features and groups.
+            device: where to put the restored tensors; None leaves them where they are.
+
+        Raises:
+            ValueError: num_features, groups or a tensor's shape does not match this accumulator.
+        """
+        for key in ("num_features", "groups"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(
+                    f"state_dict has {key}={state[key]}, this accumulator {key}={getattr(self, key)}"
+                )
+        c, g = self.num_features, self.groups
+        count = int(state["count"])
+        if "s1" in state:
+            if g != 1:
+                raise ValueError(f"state_dict holds Triton sums (groups=1), this accumulator has groups={g}")
+            names, shapes = ("shift", "s1", "s2"), ((c,), (c,), (c, c))
+        else:
+            names, shapes = ("mean", "m2"), ((c,), (c, c) if g == 1 else (g, c // g, c // g))
+        tensors = [state[n] for n in names]
+        for name, t, shape in zip(names, tensors, shapes):
+            if count and (t is None or tuple(t.shape) != shape):
+                got = None if t is None else tuple(t.shape)
+                raise ValueError(
+                    f"state_dict's {name} has shape {got}, expected {shape} (num_features={c}, groups={g})"
+                )
+        if device is not None:
+            tensors = [None if t is None else t.to(device) for t in tensors]
+        self.count = count
+        if "s1" in state:
+            self.mean = self.m2 = None
+            self._triton_state = tuple(tensors) if count else None
+        else:
+            self._triton_state = None
+            self.mean, self.m2 = tensors if count else (None, None)
 
 
-def _batch_moments(x: torch.Tensor, dtype: torch.dtype) -> tuple[int, torch.Tensor, torch.Tensor]:
+def _batch_moments(
+    x: torch.Tensor, dtype: torch.dtype, groups: int = 1
+) -> tuple[int, torch.Tensor, torch.Tensor]:
     """Count, float64 mean and float64 centered sum of outer products of one (N, C, *) batch.
 
     The rows are shifted by an estimate of the mean (computed in `dtype`) and the shift is
@@ -181,46 +300,58 @@ def _batch_moments(x: torch.Tensor, dtype: torch.dtype) -> tuple[int, torch.Tens
     over the data is needed. Products are taken in `dtype` (lower precisions upcast on the fly).
     NCHW-like inputs with 8x8 images or larger are read in place: every example is a (C, L)
     block with positions contiguous, so G = sum_n X_n X_n^T, one GEMM per example accumulated in
-    place, with no transposing copy.
+    place, with no transposing copy. With groups > 1, M2 is the (G, k, k) diagonal blocks, one
+    batched GEMM over the groups.
     """
     c = x.shape[1]
+    k = c // groups
     positions = x[0, 0].numel() if x.dim() > 2 else 1
     if positions >= 64 and x.stride(1) != 1 and c > 1:
         xs = x.flatten(2)  # (N, C, L)
         shift = xs[0].mean(-1, dtype=dtype)  # the first example's mean: close to the batch's
         centered = xs - shift[:, None]
-        gram = centered.new_zeros(c, c)
-        for example in centered:
-            gram.addmm_(example, example.T)
+        if groups == 1:
+            gram = centered.new_zeros(c, c)
+            for example in centered:
+                gram.addmm_(example, example.T)
+        else:
+            gram = centered.new_zeros(groups, k, k)
+            for example in centered.unflatten(1, (groups, k)):  # (G, k, L)
+                gram.baddbmm_(example, example.mT)
         sums = centered.sum((0, 2))
     else:
         rows = x.movedim(1, -1).reshape(-1, c)  # a view for (M, C) and channels_last inputs
         shift = rows.mean(0, dtype=dtype)
         centered = rows - shift
-        gram = centered.T @ centered
+        if groups == 1:
+            gram = centered.T @ centered
+        else:
+            blocks = centered.reshape(-1, groups, k).transpose(0, 1)  # (G, M, k)
+            gram = blocks.mT @ blocks
         sums = centered.sum(0)
     n = x.numel() // c
     offset = sums.double() / n
-    return n, shift.double() + offset, gram.double() - n * torch.outer(offset, offset)
+    return n, shift.double() + offset, gram.double() - n * _outer(offset, offset, groups)
 
 
 def covariance(
-    x: torch.Tensor, *, dtype: torch.dtype = torch.float32, backend: str = "auto"
+    x: torch.Tensor, *, groups: int = 1, dtype: torch.dtype = torch.float32, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Mean and biased covariance of the features along dim 1 of x.
 
     Args:
         x: (N, C, *) of any floating dtype; for (N, C, H, W) every spatial position is a sample.
+        groups: G dividing C; G > 1 gives only the G diagonal (k, k) blocks, k = C / G.
         dtype: dtype of the products (float32 or float64; float64 for float64 inputs); results
             are float64.
-        backend: "auto", "torch" or "triton".
+        backend: "auto", "torch" or "triton" (groups == 1 only).
 
     Returns:
-        mean: (C,), cov: (C, C), count.
+        mean: (C,), cov: (C, C) (groups == 1) or (G, k, k), count.
     """
     if x.dim() < 2:
         raise ValueError(f"expected an input of shape (N, C, *), got {tuple(x.shape)}")
-    acc = CovarianceAccumulator(x.shape[1], dtype=dtype, backend=backend)
+    acc = CovarianceAccumulator(x.shape[1], groups=groups, dtype=dtype, backend=backend)
     acc.update(x)
     return acc.compute()
 
@@ -331,17 +462,44 @@ def whitening(
 # Whitened layers
 
 
+def _num_groups(w: torch.Tensor, c: torch.Tensor) -> int:
+    """G of a weight w (O, k, *taps) and a centre c (G * k,), checked."""
+    k, n = w.shape[1], c.numel()
+    if n == k:
+        return 1
+    if k == 0 or n % k or w.shape[0] % (n // k):
+        raise ValueError(
+            f"c with {n} entries does not split into groups of the weight's {k} input features "
+            f"with {w.shape[0]} outputs divisible by the number of groups"
+        )
+    return n // k
+
+
 def mul_in(a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """Multiplies a weight-shaped tensor on its input-feature dimension, at every tap.
 
-    out[o, j, *t] = sum_i a[o, i, *t] m[i, j]
+    out[o, j, *t] = sum_i a[o, i, *t] m[i, j]                  (m: (I, J))
+    out[o, j, *t] = sum_i a[o, i, *t] m[g(o), i, j]            (m: (G, k, J), g(o) = o // (O / G))
+
+    The grouped form is a grouped convolution's: output o sees the block of its group only. Both
+    are one (batched) GEMM over the (o, tap) rows.
 
     Args:
-        a: (O, I) or (O, I, kh, kw); m: (I, J).
+        a: (O, I) or (O, I, kh, kw); m: (I, J), or (G, I, J) with G dividing O.
 
     Returns:
         (O, J) or (O, J, kh, kw), contiguous.
     """
+    if m.dim() == 3:
+        groups = m.shape[0]
+        if a.shape[1] != m.shape[1] or a.shape[0] % groups:
+            raise ValueError(
+                f"mul_in: a {tuple(a.shape)} does not fit blocks m {tuple(m.shape)}: expected "
+                f"a.shape[1] == {m.shape[1]} and a.shape[0] divisible by {groups}"
+            )
+        rows = a.movedim(1, -1).reshape(groups, -1, a.shape[1])  # (G, O / G * taps, k)
+        out = (rows @ m).view(a.shape[0], *a.shape[2:], m.shape[2])
+        return out.movedim(-1, 1).clone(memory_format=torch.contiguous_format)
     if a.dim() == 2:
         return a @ m
     # One GEMM over the (o, tap) rows; the layout changes touch only weight-sized tensors.
@@ -352,24 +510,76 @@ def mul_in(a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return out.movedim(-1, 1).clone(memory_format=torch.contiguous_format)
 
 
+def centre_term(w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """W c summed over the taps, per output: what the centre c takes off the bias.
+
+    out[o] = sum_{i, *t} w[o, i, *t] c[g(o) * k + i],  k = w.shape[1], G = c.numel() / k,
+    g(o) = o // (O / G). G = 1 is taps_sum(w) @ c.
+
+    Args:
+        w: (O, k) or (O, k, kh, kw); c: (G * k,).
+
+    Returns:
+        (O,)
+    """
+    groups = _num_groups(w, c)
+    if groups == 1:
+        return taps_sum(w) @ c
+    ws = taps_sum(w).reshape(groups, -1, w.shape[1])  # (G, O / G, k)
+    return (ws @ c.view(groups, -1, 1)).reshape(w.shape[0])
+
+
+def outer_taps(g: torch.Tensor, c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """g c^T at every tap of a weight shaped like `like`, per group.
+
+    out[o, i, *t] = g[o] c[g(o) * k + i],  k = like.shape[1], G = c.numel() / k. For a linear
+    weight (O, I) it is torch.outer(g, c).
+
+    Args:
+        g: (O,); c: (G * k,); like: (O, k) or (O, k, kh, kw).
+
+    Returns:
+        like's shape, contiguous.
+    """
+    groups = _num_groups(like, c)
+    if groups == 1:
+        outer = torch.outer(g, c)
+    else:
+        outer = (g.view(groups, -1, 1) * c.view(groups, 1, -1)).reshape(like.shape[:2])
+    if like.dim() == 2:
+        return outer
+    return outer.view(*outer.shape, *([1] * (like.dim() - 2))).expand(like.shape).contiguous()
+
+
+def _apply_blocks(U: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """U c for U (C, C); the block-diagonal product, block g on c's g-th slice, for U (G, k, k)."""
+    if U.dim() == 2:
+        return U @ c
+    return (U @ c.view(U.shape[0], -1, 1)).reshape(c.shape)
+
+
 def fold(
     V: torch.Tensor, d: torch.Tensor | None, U: torch.Tensor, c: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Canonical parameters of a whitened layer: W = V U (at every tap), b = d - W c.
 
     Gradients reach V and d through the fold: g_V = (g_W - g_b c^T) U^T at every tap, g_d = g_b.
+    Grouped layers (U of G blocks) fold per group: W[o] = V[o] U[g(o)], b = d - centre_term(W, c).
+    Runs with autocast off: float32 parameters give a float32 fold under torch.autocast.
 
     Args:
-        V: (O, I) or (O, I, kh, kw); d: (O,) or None; U: (I, I); c: (I,) or None (zero).
+        V: (O, I) or (O, I, kh, kw); d: (O,) or None; U: (I, I), or (G, I, I) for a grouped
+            conv (I = C_in / G); c: (I,) or (G * I,), or None (zero).
 
     Returns:
         W with V's shape, b: (O,) or None when both d and c are None.
     """
-    W = mul_in(V, U)
-    if c is None:
-        return W, d
-    wc = taps_sum(W) @ c
-    return W, (-wc if d is None else d - wc)
+    with _full_precision(V.device):
+        W = mul_in(V, U)
+        if c is None:
+            return W, d
+        wc = centre_term(W, c)
+        return W, (-wc if d is None else d - wc)
 
 
 def taps_sum(w: torch.Tensor) -> torch.Tensor:
@@ -378,28 +588,39 @@ def taps_sum(w: torch.Tensor) -> torch.Tensor:
 
 
 def _fold_op(backend, V, d, U, c):
+    if U.dim() == 3:  # grouped: the Triton kernel folds a single block only
+        if backend == "triton":
+            raise ValueError(
+                f"backend='triton' folds groups=1 layers only, got U of {U.shape[0]} blocks; "
+                "use backend='auto' or 'torch'"
+            )
+        return fold(V, d, U, c)
     if _use_triton(backend, V, U):
-        if c is None:  # no centre: b is d itself (or no bias at all)
-            return _triton_ops().fold(V, None, U, U.new_zeros(U.shape[0]))[0], d
-        return _triton_ops().fold(V, d, U, c)
+        with _full_precision(V.device):
+            if c is None:  # no centre: b is d itself (or no bias at all)
+                return _triton_ops().fold(V, None, U, U.new_zeros(U.shape[0]))[0], d
+            return _triton_ops().fold(V, d, U, c)
     return fold(V, d, U, c)
 
 
 def _activation_bias(V, d, U, c):
     """Bias when the whitening is applied to the activations instead of folded:
-    z = V (U h) + d - V U c (summed over taps), since pad(U h) = U pad(h) for every padding mode."""
+    z = V (U h) + d - V U c (summed over taps, per group), since pad(U h) = U pad(h) for every
+    padding mode. Runs with autocast off, like the fold."""
     if c is None:
         return d
-    vuc = taps_sum(V) @ (U @ c)
-    return -vuc if d is None else d - vuc
+    with _full_precision(V.device):
+        vuc = centre_term(V, _apply_blocks(U, c))
+        return -vuc if d is None else d - vuc
 
 
-def _fold_is_cheaper(x: torch.Tensor, V: torch.Tensor, backend: str) -> bool:
-    """The fold costs C_out * taps * C_in^2, whitening the activations positions * C_in^2 (for
-    the forward pass, and as much again for the backward): fold when C_out * taps <= positions.
-    backend='triton' always folds (it is the Triton fold kernel that was asked for)."""
-    positions = x.numel() // max(V.shape[1], 1)
-    return backend == "triton" or V[:, 0].numel() <= positions
+def _fold_is_cheaper(x: torch.Tensor, V: torch.Tensor, backend: str, groups: int = 1) -> bool:
+    """The fold costs C_out * taps * k^2 (k = C_in / G), whitening the activations
+    positions * G * k^2 (for the forward pass, and as much again for the backward): fold when
+    C_out * taps <= positions * G. backend='triton' always folds (it is the Triton fold kernel
+    that was asked for)."""
+    positions = x.numel() // max(V.shape[1] * groups, 1)
+    return backend == "triton" or V[:, 0].numel() <= positions * groups
 
 
 def whitened_linear(
@@ -415,7 +636,9 @@ def whitened_linear(
 
     Picks the cheaper exact form from the shapes: folding (W, b) costs out * in^2 per pass,
     whitening the activations costs rows * in^2 (rows = x.numel() / in). The fold is used when
-    out <= rows; a small batch through a wide layer whitens the activations instead.
+    out <= rows; a small batch through a wide layer whitens the activations instead. Under
+    torch.autocast the fold runs in the parameters' dtype and F.linear under autocast, as
+    nn.Linear's; the activation form runs both products under autocast.
 
     Args:
         x: (*, in); V: (out, in); d: (out,) or None; U: (in, in); c: (in,) or None (zero).
@@ -443,45 +666,56 @@ def whitened_conv2d(
     padding: str | int | tuple[int, int] = 0,
     dilation: int | tuple[int, int] = 1,
     padding_mode: str = "zeros",
+    groups: int = 1,
     *,
     backend: str = "auto",
 ) -> torch.Tensor:
     """The whitened convolution conv(U (pad(h) - c), V) + d as one conv: the 1x1 whitening
     conv is folded into the following conv's weights and bias. Where the fold would cost more
-    than whitening the activations (C_out * kh * kw > N * H * W, small images through wide
-    layers), the 1x1 whitening conv runs on the input instead, with the centre in the bias.
+    than whitening the activations (C_out * kh * kw > G * N * H * W, small images through wide
+    layers), the 1x1 whitening conv (grouped for G > 1) runs on the input instead, with the
+    centre in the bias. Under torch.autocast the fold and the bias run in the parameters'
+    dtype and the convs under autocast, as nn.Conv2d's.
 
     Args:
-        x: (N, C_in, H, W) or (C_in, H, W); V: (C_out, C_in, kh, kw); d: (C_out,) or None;
-            U: (C_in, C_in); c: (C_in,) or None (zero); stride, padding, dilation and
-            padding_mode as in nn.Conv2d.
-        backend: "auto", "torch" or "triton" (the fold kernel).
+        x: (N, C_in, H, W) or (C_in, H, W); V: (C_out, C_in / G, kh, kw); d: (C_out,) or None;
+            U: (C_in, C_in) for G = 1, (G, C_in / G, C_in / G) for G > 1 (block g whitens
+            channels g*k..(g+1)*k-1); c: (C_in,) or None (zero); stride, padding, dilation,
+            padding_mode and groups (G) as in nn.Conv2d.
+        backend: "auto", "torch" or "triton" (the fold kernel; groups == 1 only, "auto" takes
+            the torch fold for G > 1).
 
     Returns:
         (N, C_out, H_out, W_out)
     """
     _check_backend(backend, ("auto", "torch", "triton"), "whitened_conv2d")
-    _check_layer(x, V, U, c, dim=-3)
-    if _fold_is_cheaper(x, V, backend):
+    if backend == "triton" and groups != 1:
+        raise ValueError(f"backend='triton' folds groups=1 convolutions only, got {groups=}")
+    _check_layer(x, V, U, c, dim=-3, groups=groups)
+    if _fold_is_cheaper(x, V, backend, groups):
         W, b = _fold_op(backend, V, d, U, c)
     else:
-        x = F.conv2d(x, U[:, :, None, None])
+        x = F.conv2d(x, U.reshape(-1, V.shape[1])[:, :, None, None], groups=groups)
         W, b = V, _activation_bias(V, d, U, c)
     if padding_mode != "zeros":
         dil = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
         pad = reference.conv_padding(padding, tuple(V.shape[2:]), dil)
-        return F.conv2d(F.pad(x, pad, mode=padding_mode), W, b, stride, 0, dilation)
-    return F.conv2d(x, W, b, stride, padding, dilation)
+        return F.conv2d(F.pad(x, pad, mode=padding_mode), W, b, stride, 0, dilation, groups)
+    return F.conv2d(x, W, b, stride, padding, dilation, groups)
 
 
-def _check_layer(x, V, U, c, dim):
-    n_in = V.shape[1]
+def _check_layer(x, V, U, c, dim, groups=1):
+    if not isinstance(groups, int) or groups < 1 or V.shape[0] % groups:
+        raise ValueError(f"{groups=} must be a positive int dividing the {V.shape[0]} outputs")
+    k = V.shape[1]
+    n_in = k * groups
     if x.dim() == 0 or x.shape[dim] != n_in:
         raise ValueError(
             f"input of shape {tuple(x.shape)} has {x.shape[dim] if x.dim() else 0} features "
             f"at dim {dim}, the layer expects {n_in}"
         )
-    if U.shape != (n_in, n_in):
-        raise ValueError(f"U must have shape ({n_in}, {n_in}), got {tuple(U.shape)}")
+    shape = (n_in, n_in) if groups == 1 else (groups, k, k)
+    if U.shape != shape:
+        raise ValueError(f"U must have shape {shape}, got {tuple(U.shape)}")
     if c is not None and c.shape != (n_in,):
         raise ValueError(f"c must have shape ({n_in},), got {tuple(c.shape)}")

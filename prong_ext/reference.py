@@ -3,9 +3,9 @@
 This module is the single oracle: tests compare the fast paths with it (in float64), benchmarks time
 it as the "naive" baseline, and its formulas are PRONG.md's written out with no fusion at all:
 
-- covariance: permute to rows, center, one matmul;
+- covariance: permute to rows, center, one matmul (diagonal blocks sliced out for groups > 1);
 - whitened layers: the two-step form, whitening 1x1 conv by U on the centered (padded) input, then
-  the layer's own conv/linear by V with no padding;
+  the layer's own conv/linear by V with no padding (grouped convs: one 1x1 conv per group);
 - eigendecomposition and whitening: a Python loop of torch.linalg.eigh, one layer at a time.
 """
 
@@ -32,22 +32,28 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def covariance(
-    x: torch.Tensor, *, dtype: torch.dtype = torch.float64
+    x: torch.Tensor, *, dtype: torch.dtype = torch.float64, groups: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Mean and biased covariance of the features along dim 1.
 
     Args:
         x: (N, C, *) inputs; for (N, C, H, W) every spatial position is a sample.
         dtype: accumulation dtype.
+        groups: G > 1 returns the G diagonal (k, k) blocks of the full covariance, k = C / G.
 
     Returns:
-        mean: (C,), cov: (C, C) = E[(h - mean)(h - mean)^T] (1/count), count: number of rows.
+        mean: (C,), cov: (C, C) = E[(h - mean)(h - mean)^T] (1/count), or its diagonal blocks
+        (G, k, k), count: number of rows.
     """
     rows = _rows(x).to(dtype)
     count = rows.shape[0]
     mean = rows.mean(0)
     centered = rows - mean
-    return mean, centered.T @ centered / count, count
+    cov = centered.T @ centered / count
+    if groups > 1:
+        k = x.shape[1] // groups
+        cov = torch.stack([cov[g * k : (g + 1) * k, g * k : (g + 1) * k] for g in range(groups)])
+    return mean, cov, count
 
 
 def whitened_linear(
@@ -97,12 +103,17 @@ def whitened_conv2d(
     padding: str | int | tuple[int, int] = 0,
     dilation: int | tuple[int, int] = 1,
     padding_mode: str = "zeros",
+    groups: int = 1,
 ) -> torch.Tensor:
     """The two-convolution whitened conv: pad h, center, 1x1 conv by U, k x k conv by V unpadded.
 
+    Grouped (G > 1): the 1x1 conv is one conv per group, block U[g] on channels g*k..(g+1)*k-1,
+    then the grouped k x k conv by V.
+
     Args:
-        x: (N, C_in, H, W), V: (C_out, C_in, kh, kw), d: (C_out,) or None, U: (C_in, C_in),
-            c: (C_in,); stride, padding, dilation, padding_mode as in nn.Conv2d.
+        x: (N, C_in, H, W), V: (C_out, C_in / G, kh, kw), d: (C_out,) or None, U: (C_in, C_in)
+            or (G, k, k) with k = C_in / G, c: (C_in,); stride, padding, dilation, padding_mode
+            and groups (G) as in nn.Conv2d.
 
     Returns:
         (N, C_out, H_out, W_out)
@@ -114,8 +125,12 @@ def whitened_conv2d(
     else:
         h = F.pad(x, pad, mode=padding_mode)
     h = h - c.view(1, -1, 1, 1)
-    h = F.conv2d(h, U[:, :, None, None])
-    return F.conv2d(h, V, d, stride=stride, padding=0, dilation=dilation)
+    if groups == 1:
+        h = F.conv2d(h, U[:, :, None, None])
+    else:
+        k = V.shape[1]
+        h = torch.cat([F.conv2d(h[:, g * k : (g + 1) * k], U[g][:, :, None, None]) for g in range(groups)], 1)
+    return F.conv2d(h, V, d, stride=stride, padding=0, dilation=dilation, groups=groups)
 
 
 def batched_eigh(mats: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

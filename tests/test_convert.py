@@ -27,10 +27,17 @@ def test_whiten_keeps_outputs_and_unwhiten_gives_them_back(name):
 
 def test_whiten_single_layer_and_grouped_conv():
     layer = whiten(nn.Linear(3, 2))
-    assert isinstance(layer, WhitenedLinear)
-    grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 2, 1))
+    assert isinstance(layer, WhitenedLinear) and layer.groups == 1
+    grouped = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2), nn.Conv2d(6, 2, 1))
+    x = torch.randn(2, 4, 5, 5)
+    before = grouped(x)
+    weight = grouped[0].weight
     whiten(grouped)
-    assert type(grouped[0]) is nn.Conv2d and isinstance(grouped[1], WhitenedConv2d)
+    assert isinstance(grouped[0], WhitenedConv2d) and isinstance(grouped[1], WhitenedConv2d)
+    assert grouped[0].groups == 2 and grouped[0].V is weight
+    assert grouped[0].U.shape == (2, 2, 2) and torch.equal(grouped[0].U, torch.eye(2).expand(2, 2, 2))
+    assert grouped[0].c.shape == (4,)
+    assert torch.equal(grouped(x), before)
 
 
 def test_whiten_keeps_an_existing_optimizer_working():

@@ -152,7 +152,8 @@ def test_layer_gradients_reach_V_and_d_through_fold():
 @pytest.mark.parametrize(
     "kwargs,error",
     [
-        ({"groups": 2}, NotImplementedError),
+        ({"groups": 3}, ValueError),  # 4 channels do not split into 3 groups
+        ({"groups": 0}, ValueError),
         ({"padding": "full"}, ValueError),
         ({"padding": "same", "stride": 2}, ValueError),
         ({"padding_mode": "mirror"}, ValueError),
@@ -162,6 +163,13 @@ def test_layer_gradients_reach_V_and_d_through_fold():
 def test_conv_bad_arguments(kwargs, error):
     with pytest.raises(error):
         WhitenedConv2d(4, 4, 3, **kwargs)
+
+
+def test_conv_groups_must_divide_the_channels_and_the_message_names_them():
+    with pytest.raises(ValueError, match=r"in_channels=6 .*groups=4"):
+        WhitenedConv2d(6, 8, 3, groups=4)
+    with pytest.raises(ValueError, match=r"out_channels=6 .*groups=4"):
+        WhitenedConv2d(8, 6, 3, groups=4)
 
 
 def test_wrong_input_width_names_the_sizes():

@@ -156,3 +156,55 @@ def test_whitening_rejects_bad_eps(eps):
 def test_whitening_rejects_bad_kind():
     with pytest.raises(ValueError, match="kind"):
         ops.whitening([torch.eye(2)], 0.1, "cholesky")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_accumulator_state_dict_continues_bitwise(backend):
+    batches = [_inputs("contiguous", 5) * (i + 1) + i for i in range(4)]
+    acc = ops.CovarianceAccumulator(5, backend=backend)
+    acc.update(batches[0])
+    acc.update(batches[1])
+    state = acc.state_dict()
+    raw = ("shift", "s1", "s2") if backend == "triton" else ("mean", "m2")
+    assert set(raw) <= set(state) and state["count"] == acc.count
+    restored = ops.CovarianceAccumulator(5, backend=backend)
+    restored.load_state_dict(state)
+    acc.update(batches[2])  # the saved state is a copy: the original moves on without it
+    restored.update(batches[2])
+    for a in (acc, restored):
+        a.update(batches[3])
+    for got, want in zip(restored.compute(), acc.compute()):
+        assert torch.equal(torch.as_tensor(got), torch.as_tensor(want))
+
+
+def test_accumulator_state_dict_empty_old_format_device_and_mismatch():
+    empty = ops.CovarianceAccumulator(3)
+    restored = ops.CovarianceAccumulator(3)
+    restored.load_state_dict(empty.state_dict())
+    assert restored.count == 0
+    x = _inputs("rows", 3)
+    acc = ops.CovarianceAccumulator(3)
+    acc.update(x)
+    mean, cov, count = acc.compute()
+    old = {"count": count, "mean": mean, "m2": cov * count}  # the format before the raw state
+    restored.load_state_dict(old)
+    torch.testing.assert_close(restored.compute()[1], cov)
+    restored.load_state_dict(acc.state_dict(), device="meta")
+    assert restored.mean.device.type == "meta" and restored.m2.device.type == "meta"
+    with pytest.raises(ValueError, match="num_features"):
+        ops.CovarianceAccumulator(4).load_state_dict(acc.state_dict())
+    with pytest.raises(ValueError, match=r"mean has shape \(3,\), expected \(4,\)"):
+        ops.CovarianceAccumulator(4).load_state_dict(old)
+
+
+def test_restored_triton_state_continues_on_the_torch_path():
+    batches = [_inputs("contiguous", 4) + i for i in range(2)]
+    acc = ops.CovarianceAccumulator(4, backend="triton")
+    acc.update(batches[0])
+    torch_acc = ops.CovarianceAccumulator(4, backend="torch")
+    torch_acc.load_state_dict(acc.state_dict())
+    torch_acc.update(batches[1])
+    _, ref_cov, ref_count = reference.covariance(torch.cat(batches).double())
+    mean, cov, count = torch_acc.compute()
+    assert count == ref_count and torch_acc._triton_state is None
+    torch.testing.assert_close(cov, ref_cov, rtol=1e-5, atol=1e-6)
