@@ -9,13 +9,16 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from . import ops
+from . import _dist, ops
+from ._dist import assign_by_cost
 from .nn import WhitenedConv2d, WhitenedLinear, _Whitened
 
-__all__ = ["Prong"]
+__all__ = ["Prong", "assign_by_cost"]
 
 _FIRST_MOMENTS = ("momentum_buffer", "exp_avg")
+_SECOND_MOMENTS = ("exp_avg_sq",)
 _TIMINGS = ("statistics", "eigh", "projection")
 
 
@@ -58,6 +61,26 @@ class Prong:
             exp_avg_sq (no exact transform exists) is kept as it is. "reset" clears the whitened
             parameters' optimizer state. "keep" leaves it untouched.
         max_features: layers with a wider input stay unwhitened (with a warning).
+        rescale: the paper's per-minibatch diagonal rescaling W = V D U (PRONG.md): at every
+            step() that does not re-whiten, U becomes D U0 (U0: the U of the last re-whitening)
+            with D_jj = (u0_j^T (Sigma + eps I) u0_j)^-1/2, Sigma the second moment about c of
+            the training inputs since the previous step(): each row gets unit variance under
+            Sigma + eps I, the same regularized sense in which U whitens, so the eps^-1/2 bound
+            on the step multiplier holds. V's input columns are divided by the change of D, so
+            the function is kept. The first moments follow exactly (times the change of D), and
+            so does Adam's exp_avg_sq (times its square), unless optimizer_state is "keep".
+            Costs rows * C^2 per layer and training pass.
+        process_group: the torch.distributed group to work over; by default the default group
+            when torch.distributed is initialized. Then, at every re-whitening, the statistics
+            of all ranks are merged exactly, the eigendecompositions are spread over the ranks
+            by cost (see assign_by_cost) and broadcast, so every rank holds bitwise the same U
+            and c. num_samples counts the examples of each rank. `model` may be a
+            DistributedDataParallel; every rank must call step() and reparametrize() alike.
+
+    Failures keep what is there: non-finite statistics raise a ValueError naming the layers
+    and change nothing; an eigendecomposition that fails (an error, or a non-finite result) is
+    retried alone in float64 on the torch path, and if that fails too the layer keeps its
+    previous whitening, with a warning naming it.
     """
 
     def __init__(
@@ -71,6 +94,8 @@ class Prong:
         whitening: str = "pca",
         optimizer_state: str = "transform",
         max_features: int = 4096,
+        rescale: bool = False,
+        process_group=None,
     ):
         if not isinstance(interval, int) or interval < 1:
             raise ValueError(f"{interval=} must be an int >= 1")
@@ -86,7 +111,14 @@ class Prong:
             raise ValueError(f"{max_features=} must be an int >= 1")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
+        if not isinstance(rescale, bool):
+            raise TypeError(f"{rescale=} must be a bool")
         self.model = model
+        # statistics passes of reparametrize(data) run the wrapped module: DDP's forward would
+        # make collectives that ranks with different amounts of data do not match
+        self._module = model.module if isinstance(model, DistributedDataParallel) else model
+        self.process_group = process_group
+        self.rescale = rescale
         self.optimizer = optimizer
         self.interval = interval
         self.num_samples = num_samples
@@ -119,13 +151,20 @@ class Prong:
         self.num_reparametrizations = 0
         self._step = 0
         self._initialized = False  # reparametrize() was called before the first update
-        self._u_inv: dict[str, tuple[int, torch.Tensor]] = {}
+        # per layer, (U, U^-1) from the last re-whitening, kept while the layer's U equals it
+        self._u_inv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.eigh_owners: dict[str, int] = {}
+        # rescaling: per layer, the number of rows and the sums of (U (h - c))^2 since step()
+        self._rescale_sums: dict[str, tuple[int, torch.Tensor]] = {}
         self._examples_per_step: float | None = None
         self._window: dict[str, ops.CovarianceAccumulator] | None = None
         self._window_steps = 0
         self._window_seen = 0
         self._handles: list = []
         self._open_window()
+        self._rescale_handles = [
+            m.register_forward_pre_hook(self._rescale_hook(n)) for n, m in self.layers.items() if rescale
+        ]
 
     # ------------------------------------------------------------------------------------------
     # The training loop
@@ -135,26 +174,38 @@ class Prong:
         """Number of step() calls so far."""
         return self._step
 
-    def step(self) -> bool:
+    def step(self, data: torch.Tensor | Iterable | None = None) -> bool:
         """Call after optimizer.step(); re-whitens when the update count is a multiple of
-        `interval`. Returns True when it re-whitened."""
+        `interval` (else rescales, with rescale=True). Returns True when it re-whitened.
+
+        Args:
+            data: optional inputs (as for reparametrize) to take the statistics from when this
+                step re-whitens, instead of the training forward passes; ignored on the other
+                steps. A model compiled with torch.compile needs it: its forward passes do not
+                run the statistics hooks (nor the rescaling's).
+        """
         done = False
         explicit_init = self._step == 0 and self._initialized
         if self._step % self.interval == 0 and not explicit_init:
-            if self._window is None or all(a.count == 0 for a in self._window.values()):
+            self._window_steps += 1
+            stats = self._statistics(self._window if data is None else self._gather(data))
+            if all(count == 0 for count, _, _ in stats.values()):
                 raise RuntimeError(
                     f"Prong.step() is due to re-whiten at update {self._step} but no statistics "
-                    "were gathered: run the model's training forward pass (in training mode) "
-                    "before prong.step(), or call prong.reparametrize(data)"
+                    "were gathered: run the model's training forward pass (in training mode, not "
+                    "compiled) before prong.step(), or pass the inputs: prong.step(data)"
                 )
-            self._window_steps += 1
-            self._reparametrize(self._window)
+            self._rewhiten(stats)
             self._close_window()
             done = True
-        elif self._window is not None:
-            self._window_steps += 1
-            if explicit_init:  # the initial window is not needed
-                self._close_window()
+        else:
+            if self._window is not None:
+                self._window_steps += 1
+                if explicit_init:  # the initial window is not needed
+                    self._close_window()
+            if self.rescale:
+                self._apply_rescale()
+        self._rescale_sums = {}
         self._step += 1
         self._schedule_window()
         return done
@@ -178,16 +229,17 @@ class Prong:
                 layers; nothing is changed then).
         """
         if data is None:
-            if self._window is None or all(a.count == 0 for a in self._window.values()):
+            stats = self._statistics(self._window)
+            if all(count == 0 for count, _, _ in stats.values()):
                 raise ValueError(
                     "reparametrize() without data needs statistics from training forward "
                     "passes, and none were gathered since the last re-whitening; pass data"
                 )
-            self._reparametrize(self._window)
+            self._rewhiten(stats)
             self._close_window()
             self._schedule_window()
         else:
-            self._reparametrize(self._gather(data))
+            self._rewhiten(self._statistics(self._gather(data)))
         if self._step == 0:
             self._initialized = True
 
@@ -195,7 +247,7 @@ class Prong:
     # Statistics
 
     def _new_accumulators(self) -> dict[str, ops.CovarianceAccumulator]:
-        return {name: ops.CovarianceAccumulator(m.num_features) for name, m in self.layers.items()}
+        return {n: ops.CovarianceAccumulator(m.num_features, groups=m.groups) for n, m in self.layers.items()}
 
     def _add_hooks(self, accumulators, budget: dict) -> list:
         """Forward pre-hooks feeding each layer's input to its accumulator, capped at
@@ -205,6 +257,8 @@ class Prong:
             acc = accumulators[name]
 
             def hook(mod, args):
+                if torch.compiler.is_compiling():  # not traced: statistics stay outside graphs
+                    return
                 if not mod.training and budget.get("training_only", False):
                     return
                 x = args[0]
@@ -278,6 +332,7 @@ class Prong:
         window_handles, self._handles = self._handles, []
         for h in window_handles:  # the training window must not see this pass
             h.remove()
+        rescale_sums, self._rescale_sums = self._rescale_sums, {}  # nor the rescaling's sums
         passed = 0
         try:
             with torch.no_grad():
@@ -291,7 +346,7 @@ class Prong:
                     x = x[: self.num_samples - passed]
                     if device is not None and x.device != device:
                         x = x.to(device)
-                    self.model(x)
+                    self._module(x)
                     passed += x.shape[0]
                     if passed >= self.num_samples:
                         break
@@ -300,6 +355,7 @@ class Prong:
                 h.remove()
             if self._window is not None:
                 self._handles = self._add_hooks(self._window, self._window_budget)
+            self._rescale_sums = rescale_sums
             with torch.no_grad():
                 named = dict(self.model.named_buffers())
                 for n, value in saved_buffers.items():
@@ -319,21 +375,39 @@ class Prong:
             )
         return accumulators
 
+    def _group(self):
+        return _dist.default_group(self.process_group)
+
+    def _device(self) -> torch.device:
+        return next(iter(self.layers.values())).U.device
+
+    def _statistics(self, accumulators) -> dict[str, tuple]:
+        """(count, float64 mean, float64 covariance) per layer, of every rank's samples;
+        (0, None, None) for a layer without samples."""
+        stats = []
+        for name in self.layers:
+            acc = None if accumulators is None else accumulators.get(name)
+            if acc is None or acc.count == 0:
+                stats.append((0, None, None))
+            else:
+                mean, cov, count = acc.compute()
+                stats.append((count, mean, cov))
+        shapes = [layer.U.shape for layer in self.layers.values()]  # (C, C) or blocks (G, k, k)
+        merged = _dist.merge_statistics(stats, shapes, self._device(), self._group())
+        return dict(zip(self.layers, merged))
+
     # ------------------------------------------------------------------------------------------
     # Re-whitening
 
-    def _reparametrize(self, accumulators: dict[str, ops.CovarianceAccumulator]) -> None:
+    def _rewhiten(self, stats: dict[str, tuple]) -> None:
         start = time.perf_counter()
-        names, means, mats = [], [], []
-        missing = []
-        for name, acc in accumulators.items():
-            if acc.count == 0:
+        names, means, mats, missing = [], [], [], []
+        for name, (count, mean, cov) in stats.items():
+            if count == 0:
                 missing.append(name)
                 continue
-            mean, cov, _ = acc.compute()
-            layer = self.layers[name]
-            if layer.d is None:  # no bias to absorb a centre: whiten E[h h^T]
-                cov = cov + torch.outer(mean, mean)
+            if self.layers[name].d is None:  # no bias to absorb a centre: whiten E[h h^T]
+                cov = cov + ops._outer(mean, mean, self.layers[name].groups)
             names.append(name)
             means.append(mean)
             mats.append(cov)
@@ -352,37 +426,100 @@ class Prong:
         self.timings["statistics"] += time.perf_counter() - start
 
         start = time.perf_counter()
-        us, u_invs = ops.whitening(mats, self.eps, self.whitening)
-        self._sync(us[0])
+        results = self._whitening(names, mats, means)
+        failed = [n for n, r in zip(names, results) if r is None]
+        if failed:
+            warnings.warn(
+                f"the eigendecomposition failed for layer(s) {failed}, also when retried in float64; "
+                "they keep their previous whitening",
+                stacklevel=3,
+            )
+        kept = [(n, r) for n, r in zip(names, results) if r is not None]
+        self._sync(mats[0])
         self.timings["eigh"] += time.perf_counter() - start
 
         start = time.perf_counter()
-        updates = [
-            self._project(self.layers[n], mean, u, u_inv)
-            for n, mean, u, u_inv in zip(names, means, us, u_invs)
-        ]
+        # per layer: name, new {V, d, U, c}, old (U, c), U^-1
+        updates = [(n, *self._project(self.layers[n], mean, u, u_inv), u_inv) for n, (u, u_inv, mean) in kept]
         bad = [
             n
-            for n, (new, _) in zip(names, updates)
+            for n, new, _, _ in updates
             if not all(t.isfinite().all() for t in new.values() if t is not None)
         ]
         if bad:
             raise ValueError(
                 f"re-whitening gave non-finite parameters for layer(s) {bad}; no layer was changed"
             )
-        moments = [self._transform_moments(n, new, old) for n, (new, old) in zip(names, updates)]
+        moments = [self._transform_moments(n, new, old) for n, new, old, _ in updates]
         with torch.no_grad():
-            for name, (new, _), moment, u_inv in zip(names, updates, moments, u_invs):
+            for (name, new, _, u_inv), moment in zip(updates, moments):
                 layer = self.layers[name]
                 for attr, value in new.items():
                     if value is not None:
                         getattr(layer, attr).copy_(value)
                 self._apply_moments(layer, moment)
-                # U^-1 for the next transform of the moments, valid while U is not written again
-                self._u_inv[name] = (layer.U._version, u_inv)
+                # U^-1 for the next transform of the moments, valid while U stays as written
+                self._u_inv[name] = (layer.U.clone(), u_inv)
         self._sync(mats[0])
         self.timings["projection"] += time.perf_counter() - start
         self.num_reparametrizations += 1
+
+    def _whitening(self, names: list[str], mats: list[torch.Tensor], means: list[torch.Tensor]) -> list:
+        """Per layer, [U, U^-1, mean] (float64), or None where the eigendecomposition failed.
+
+        In a process group each rank computes the layers assign_by_cost gives it and
+        broadcasts them (the mean too, so c is the owner's bitwise).
+        """
+        group = self._group()
+        size, rank = _dist.world(group)
+        owners = assign_by_cost(
+            [m.shape[-1] for m in mats], size, [m.shape[0] if m.dim() == 3 else 1 for m in mats]
+        )
+        self.eigh_owners = dict(zip(names, owners))
+        mine = [i for i, owner in enumerate(owners) if owner == rank]
+        results: list = [None] * len(mats)
+        for i, pair in zip(mine, self._eigh([mats[i] for i in mine])):
+            results[i] = None if pair is None else [*pair, means[i]]
+        shapes = [[m.shape, m.shape, mean.shape] for m, mean in zip(mats, means)]
+        return _dist.share_results(results, shapes, owners, self._device(), group)
+
+    def _eigh(self, mats: list[torch.Tensor]) -> list:
+        """(U, U^-1) per matrix ((C, C) or (G, k, k) blocks), all blocks in one batched call;
+        a block that fails is retried alone in float64 on the torch path; None where that
+        fails too."""
+        blocks, spans = [], []
+        for m in mats:
+            parts = list(m.unbind(0)) if m.dim() == 3 else [m]
+            spans.append((len(blocks), len(parts)))
+            blocks.extend(parts)
+        if not blocks:
+            return []
+        try:
+            pairs = list(zip(*ops.whitening(blocks, self.eps, self.whitening)))
+        except RuntimeError:  # torch.linalg.LinAlgError and the extension's errors
+            pairs = [None] * len(blocks)
+        for i, pair in enumerate(pairs):
+            if pair is None or not all(bool(t.isfinite().all()) for t in pair):
+                pairs[i] = self._retry_eigh(blocks[i])
+        out = []
+        for (first, count), m in zip(spans, mats):
+            part = pairs[first : first + count]
+            if any(p is None for p in part):
+                out.append(None)
+            elif m.dim() == 3:
+                out.append(tuple(torch.stack(t) for t in zip(*part)))
+            else:
+                out.append(part[0])
+        return out
+
+    def _retry_eigh(self, mat: torch.Tensor) -> tuple | None:
+        try:
+            (u,), (u_inv,) = ops.whitening([mat.double()], self.eps, self.whitening, backend="torch")
+        except RuntimeError:
+            return None
+        if not (bool(u.isfinite().all()) and bool(u_inv.isfinite().all())):
+            return None
+        return u, u_inv
 
     @staticmethod
     def _project(layer: _Whitened, mean, u, u_inv) -> tuple[dict, tuple]:
@@ -393,7 +530,7 @@ class Prong:
         c_old = None if d is None else layer.c.to(f64)
         W, b = ops.fold(V, d, U_old, c_old)
         c = mean if d is not None else torch.zeros_like(mean)
-        new_d = None if d is None else b + ops.taps_sum(W) @ c
+        new_d = None if d is None else b + ops.centre_term(W, c)
         return {"V": ops.mul_in(W, u_inv), "d": new_d, "U": u, "c": c}, (U_old, c_old)
 
     def _transform_moments(self, name: str, new: dict, old: tuple) -> dict:
@@ -418,20 +555,19 @@ class Prong:
             g_d = g_d.to(f64) if isinstance(g_d, torch.Tensor) else None
             if u_inv_old is None:
                 u_inv_old = self._old_u_inv(name, u_old)
-            # the covector in theta = (W, b): g_W = g_V U^-T + g_d c^T (at every tap)
-            g_w = ops.mul_in(g_v.to(f64), u_inv_old.T)
+            # the covector in theta = (W, b): g_W = g_V U^-T + g_d c^T (at every tap), and back
+            # to the new coordinates: g_V' = (g_W - g_d c'^T) U'^T; g_d' = g_d
+            g_w = ops.mul_in(g_v.to(f64), u_inv_old.mT)
             if g_d is not None:
-                g_w = g_w + _outer_taps(g_d, c_old, g_w)
-                # back to the new coordinates: g_V' = (g_W - g_d c'^T) U'^T; g_d' = g_d
-                g_w = g_w - _outer_taps(g_d, new["c"], g_w)
-            out[key] = ops.mul_in(g_w, new["U"].T)
+                g_w = g_w + ops.outer_taps(g_d, c_old, g_w) - ops.outer_taps(g_d, new["c"], g_w)
+            out[key] = ops.mul_in(g_w, new["U"].mT)
         return out
 
     def _old_u_inv(self, name: str, u_old: torch.Tensor) -> torch.Tensor:
-        """U^-1 of the layer's current U: kept from the eigenpairs of the last re-whitening while
-        U has not been written since, else inverted."""
+        """U^-1 of the layer's current U: the one from the eigenpairs of the last re-whitening
+        (or rescaling) while U is still what was written then, else inverted."""
         cached = self._u_inv.get(name)
-        if cached is not None and cached[0] == self.layers[name].U._version:
+        if cached is not None and torch.equal(cached[0], self.layers[name].U):
             return cached[1]
         return torch.linalg.inv(u_old)
 
@@ -447,6 +583,91 @@ class Prong:
         for key, value in moment.items():
             opt.state[layer.V][key].copy_(value)
 
+    # ------------------------------------------------------------------------------------------
+    # Diagonal rescaling
+
+    def _rescale_hook(self, name: str):
+        """Forward pre-hook summing (U (h - c))_j^2 over the rows of training inputs."""
+
+        def hook(mod, args):
+            if not mod.training or torch.compiler.is_compiling():
+                return
+            start = time.perf_counter()
+            x = args[0].detach()
+            if isinstance(mod, WhitenedConv2d):  # (N, C, H, W) or (C, H, W): channels last
+                x = x.movedim(-3, -1)
+            rows = x.reshape(-1, mod.num_features)
+            with torch.no_grad(), torch.autocast(rows.device.type, enabled=False):
+                dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
+                u = mod.U.to(dtype)
+                blocks = u.shape[0] if u.dim() == 3 else 1
+                u = u.view(blocks, -1, u.shape[-1])
+                centred = (rows.to(dtype) - mod.c.to(dtype)).view(rows.shape[0], blocks, -1)
+                z = torch.einsum("mgi,gji->mgj", centred, u)
+                sums = z.square().sum(0, dtype=torch.float64).flatten()
+            count, total = self._rescale_sums.get(name, (0, 0))
+            self._rescale_sums[name] = (count + rows.shape[0], total + sums)
+            self.timings["statistics"] += time.perf_counter() - start
+
+        return hook
+
+    def _apply_rescale(self) -> None:
+        """Every row u_j of every layer's U divided by (E[(u_j (h - c))^2] + eps |u_j|^2)^1/2,
+        V's input columns multiplied by the same factors.
+
+        The factor depends on U's row only up to its scale, so the result is D U0 with
+        D_jj = (u0_j^T (Sigma + eps I) u0_j)^-1/2 (Sigma: the second moment about c of this
+        step's inputs, U0: the U of the last re-whitening), however many rescalings came before.
+        For PCA that is u0_j = q_j^T (lam_j + eps)^-1/2 re-whitened with the batch's variance
+        along q_j: D_jj = ((lam_j + eps) / (lam_batch_j + eps))^1/2, 1 where nothing moved; every
+        row keeps |u_j| <= eps^-1/2, the trust region of the re-whitening."""
+        device = self._device()
+        counts, sums = [], []
+        for name, layer in self.layers.items():
+            count, total = self._rescale_sums.get(name, (0, None))
+            counts.append(float(count))
+            if total is None:
+                total = torch.zeros(layer.num_features, dtype=torch.float64, device=device)
+            sums.append(total)
+        group = self._group()
+        if group is not None:  # every rank applies the same D
+            packed = torch.cat([torch.tensor(counts, dtype=torch.float64, device=device), *sums])
+            torch.distributed.all_reduce(packed, group=group)
+            counts = packed[: len(counts)].tolist()
+            sums = list(packed[len(counts) :].split([t.numel() for t in sums]))
+        ratios = {}
+        for name, count, total in zip(self.layers, counts, sums):
+            if not count:
+                continue
+            row_norms = self.layers[name].U.double().square().sum(-1).flatten()
+            ratios[name] = (total / count + self.eps * row_norms).rsqrt()
+        bad = [n for n, s in ratios.items() if not bool(s.isfinite().all())]
+        if bad:
+            raise ValueError(
+                f"non-finite input statistics (NaN or Inf in the inputs) of layer(s) {bad} while "
+                "rescaling; no layer was changed"
+            )
+        transform = self.optimizer is not None and self.optimizer_state != "keep"
+        with torch.no_grad():
+            for name, ratio in ratios.items():
+                layer = self.layers[name]
+                cached = self._u_inv.get(name)
+                cached = cached if cached is not None and torch.equal(cached[0], layer.U) else None
+                by_row = ratio.view(*layer.U.shape[:-1], 1)  # U's rows: (C, 1) or (G, k, 1)
+                layer.U.mul_(by_row.to(layer.U.dtype))
+                columns = ops.outer_taps(ratio.new_ones(layer.V.shape[0]), ratio, layer.V)
+                layer.V.div_(columns.to(layer.V.dtype))
+                if transform:
+                    state = self.optimizer.state.get(layer.V, {})
+                    for key in _FIRST_MOMENTS + _SECOND_MOMENTS:
+                        if isinstance(state.get(key), torch.Tensor):
+                            power = 2 if key in _SECOND_MOMENTS else 1
+                            state[key].mul_(columns.pow(power).to(state[key].dtype))
+                if cached is None:
+                    self._u_inv.pop(name, None)
+                else:  # (D U)^-1 = U^-1 D^-1: U^-1's columns
+                    self._u_inv[name] = (layer.U.clone(), cached[1] / by_row.mT)
+
     @staticmethod
     def _sync(t: torch.Tensor) -> None:
         if t.is_cuda:
@@ -456,7 +677,10 @@ class Prong:
     # Checkpoints
 
     def state_dict(self) -> dict:
-        """Step counter, configuration, timings and any partial statistics, keyed by layer name."""
+        """Step counter, configuration, timings, any partial statistics and the eigenpairs kept
+        for the next transform of the optimizer state, keyed by layer name: a run resumed from
+        it (with the model's and the optimizer's state dicts) continues bitwise as the
+        uninterrupted one on the CPU."""
         return {
             "step": self._step,
             "initialized": self._initialized,
@@ -468,6 +692,9 @@ class Prong:
             "examples_per_step": self._examples_per_step,
             "num_reparametrizations": self.num_reparametrizations,
             "timings": dict(self.timings),
+            "rescale": self.rescale,
+            "u_inv": {n: (u, u_inv) for n, (u, u_inv) in self._u_inv.items()},
+            "rescale_sums": dict(self._rescale_sums),
             "window": None
             if self._window is None
             else {
@@ -479,13 +706,27 @@ class Prong:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restores what state_dict() returned; the layer names must match."""
+        """Restores what state_dict() returned, its tensors moved to each layer's device; the
+        layer names and the rescale option must match."""
         window = state.get("window")
         if window is not None and set(window["stats"]) != set(self.layers):
             raise ValueError(
                 f"state_dict's layers {sorted(window['stats'])} do not match this Prong's "
                 f"{sorted(self.layers)}"
             )
+        for key in ("u_inv", "rescale_sums"):
+            unknown = set(state.get(key, {})) - set(self.layers)
+            if unknown:
+                raise ValueError(f"state_dict {key!r}: layer(s) {sorted(unknown)} unknown to this Prong")
+        if bool(state.get("rescale", False)) != self.rescale:
+            raise ValueError(
+                f"state_dict has rescale={state.get('rescale', False)} but this Prong has "
+                f"rescale={self.rescale}; construct it with the same option"
+            )
+
+        def here(name, value):  # to the layer's device
+            return _to_device(value, self.layers[name].U.device)
+
         self._close_window()
         self._step = int(state["step"])
         self._initialized = bool(state["initialized"])
@@ -497,21 +738,27 @@ class Prong:
         self._examples_per_step = state["examples_per_step"]
         self.num_reparametrizations = int(state["num_reparametrizations"])
         self.timings = dict(state["timings"])
+        self._u_inv = {n: here(n, pair) for n, pair in state.get("u_inv", {}).items()}
+        self._rescale_sums = {n: here(n, sums) for n, sums in state.get("rescale_sums", {}).items()}
         if window is not None:
             self._open_window()
             self._window_steps = int(window["steps"])
             self._window_budget["seen"].update(window["seen"])
             self._window_budget["taken"].update(window["taken"])
             for name, acc_state in window["stats"].items():
-                self._window[name].load_state_dict(acc_state)
+                self._window[name].load_state_dict(here(name, acc_state))
         else:
             self._schedule_window()
 
 
-def _outer_taps(g_d: torch.Tensor, c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """g_d c^T broadcast to every tap of a weight shaped like `like`."""
-    outer = torch.outer(g_d, c)
-    return outer.view(*outer.shape, *([1] * (like.dim() - 2)))
+def _to_device(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
 
 
 def _is_whitening_buffer(name: str, layers: dict) -> bool:

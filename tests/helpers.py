@@ -36,12 +36,25 @@ def bn_cnn() -> nn.Module:
     )
 
 
+def grouped_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(4, 8, 3, padding=1, groups=2),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8, bias=False),  # depthwise
+        nn.ReLU(),
+        nn.Conv2d(8, 6, 1, groups=2),
+        nn.Flatten(),
+        nn.Linear(6 * 4 * 4, 5),
+    )
+
+
 MODELS = {
     "mlp": (mlp, (12,)),
     "mlp_nobias": (lambda: mlp(bias=False), (12,)),
     "cnn": (cnn, (3, 8, 8)),
     "cnn_nobias": (lambda: cnn(bias=False), (3, 8, 8)),
     "bn_cnn": (bn_cnn, (3, 8, 8)),
+    "grouped_cnn": (grouped_cnn, (4, 8, 8)),
 }
 
 

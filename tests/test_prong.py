@@ -54,6 +54,27 @@ def test_whitened_layer_inputs_have_the_expected_covariance():
     assert white.mean(0).abs().max().item() < 1e-10
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_grouped_layer_inputs_are_whitened_per_group(bias):
+    eps = 1e-2
+    layer = WhitenedConv2d(6, 4, 3, padding=1, groups=2, bias=bias, dtype=torch.float64)
+    x = data((6, 5, 5), n=80).double()
+    before = layer(x)
+    prong = Prong(layer, interval=1, num_samples=80, eps=eps)
+    prong.reparametrize(x)
+    assert layer.U.shape == (2, 3, 3)
+    torch.testing.assert_close(layer(x), before)
+    rows = x.movedim(1, -1).reshape(-1, 6)
+    if bias:
+        rows = rows - rows.mean(0)
+        torch.testing.assert_close(layer.c, x.mean((0, 2, 3)))
+    for g in range(2):  # each block whitens its group's channels alone
+        h = rows[:, 3 * g : 3 * g + 3]
+        white = h @ layer.U[g].T
+        lam = torch.linalg.eigvalsh(h.T @ h / len(h))
+        torch.testing.assert_close(white.T @ white / len(h), torch.diag(lam / (lam + eps)))
+
+
 def test_no_bias_layer_whitens_the_second_moment_and_keeps_c_zero():
     eps = 1e-3
     layer = WhitenedConv2d(3, 2, 3, bias=False, dtype=torch.float64)
@@ -88,8 +109,9 @@ def test_statistics_leave_other_model_state_alone():
 
 
 @pytest.mark.parametrize("opt_name", ["sgd", "adam"])
-def test_transform_keeps_momentum_direction_in_canonical_coordinates(opt_name):
-    model, shape = _whitened("cnn")
+@pytest.mark.parametrize("name", ["cnn", "grouped_cnn"])
+def test_transform_keeps_momentum_direction_in_canonical_coordinates(name, opt_name):
+    model, shape = _whitened(name)
     x = data(shape, n=64)
     params = model.parameters()
     opt = (
@@ -109,11 +131,13 @@ def test_transform_keeps_momentum_direction_in_canonical_coordinates(opt_name):
         out = {}
         for name, layer in prong.layers.items():
             g_v = opt.state[layer.V][key].double()
-            g_d = opt.state[layer.d][key].double()
             u, c = layer.U.double(), layer.c.double()
-            g_w = ops.mul_in(g_v, torch.linalg.inv(u).T)
-            g_w = g_w + torch.outer(g_d, c).view(*g_d.shape, -1, *([1] * (g_v.dim() - 2)))
-            out[name] = (g_w, g_d)
+            g_w = ops.mul_in(g_v, torch.linalg.inv(u).mT)  # per block for grouped convs
+            if layer.d is None:
+                out[name] = (g_w, None)
+                continue
+            g_d = opt.state[layer.d][key].double()
+            out[name] = (g_w + ops.outer_taps(g_d, c, g_w), g_d)
         return out
 
     before = canonical_moments()
@@ -122,7 +146,8 @@ def test_transform_keeps_momentum_direction_in_canonical_coordinates(opt_name):
     after = canonical_moments()
     for name in before:
         torch.testing.assert_close(after[name][0], before[name][0], rtol=1e-4, atol=1e-7)
-        torch.testing.assert_close(after[name][1], before[name][1])
+        if before[name][1] is not None:
+            torch.testing.assert_close(after[name][1], before[name][1])
         if opt_name == "adam":  # no exact transform: kept as it was
             assert torch.equal(opt.state[prong.layers[name].V]["exp_avg_sq"], sq_before[name])
 
@@ -334,3 +359,73 @@ def test_prong_trains_a_deep_autoencoder_on_digits_better_than_sgd():
     prong = min(_train_autoencoder(x, True, lr) for lr in lrs)
     assert math.isfinite(prong)
     assert prong < 0.8 * sgd, f"PRONG {prong:.4f} vs SGD {sgd:.4f}"
+
+
+def _train_compiled_or_not(name, compiled, steps=10):
+    """Trains a whitened model with Prong (statistics from prong.step(x)), the forward
+    optionally through torch.compile(fullgraph=True); returns the model, the losses, Prong and
+    the number of frames Dynamo compiled."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch.manual_seed(0)
+    model, shape = _whitened(name)
+    x = data(shape, n=steps * 16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    prong = Prong(model, opt, interval=3, num_samples=16)  # hooks exist before compiling
+    counter = CompileCounterWithBackend("aot_eager")
+    forward = torch.compile(model, fullgraph=True, backend=counter) if compiled else model
+    losses = []
+    for t in range(steps):
+        batch = x[t * 16 : (t + 1) * 16]
+        loss = forward(batch).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        prong.step(batch)
+        losses.append(loss.detach())
+    return model, torch.stack(losses), prong, counter.frame_count
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_compiled_model_trains_like_eager_and_compiles_once(name):
+    eager, eager_losses, eager_prong, _ = _train_compiled_or_not(name, compiled=False)
+    model, losses, prong, frames = _train_compiled_or_not(name, compiled=True)
+    # Re-whitenings at updates 0, 3, 6, 9 rewrote U, c, V and d in place, and did not recompile:
+    # Dynamo compiled one graph with the statistics window's hooks and one without (it guards
+    # on their number; the hooks do nothing inside a graph) and reused both since.
+    assert prong.num_reparametrizations == eager_prong.num_reparametrizations == 4
+    assert frames == 2
+    torch.testing.assert_close(losses, eager_losses, rtol=1e-5, atol=1e-7)
+    for (n, got), want in zip(model.state_dict().items(), eager.state_dict().values()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_compiled_forward_passes_do_not_feed_the_statistics():
+    model, shape = _whitened("mlp")
+    prong = Prong(model, interval=1, num_samples=16)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled(data(shape, n=16))
+    with pytest.raises(RuntimeError, match=r"prong.step\(data\)"):
+        prong.step()
+    assert prong.step(data(shape, n=16))
+
+
+def test_statistics_under_autocast_stay_in_float32():
+    """Training passes under bf16 autocast: the statistics of the first layer (whose input is
+    the float32 batch) are those of a float32 run, bitwise, and the whitening stays float32."""
+    x = data((12,), n=64)
+    models = []
+    for autocast in (False, True):
+        torch.manual_seed(0)
+        model, _ = _whitened("mlp")
+        prong = Prong(model, interval=1, num_samples=64)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(x)
+        assert out.dtype == (torch.bfloat16 if autocast else torch.float32)
+        assert prong.step()
+        models.append(model)
+    plain, mixed = models
+    assert torch.equal(mixed[0].U, plain[0].U) and torch.equal(mixed[0].c, plain[0].c)
+    for layer in (mixed[2], mixed[4]):  # inputs were bf16 activations
+        assert layer.U.dtype == torch.float32 and layer.U.isfinite().all()
+        assert not torch.equal(layer.U, torch.eye(len(layer.U)))
