@@ -78,6 +78,18 @@ def _common(p: argparse.ArgumentParser, name: str, interval: int, data_help: str
         help="PRONG: samples N_s for the statistics (default: %(default)s)",
     )
     g.add_argument(
+        "--whitening",
+        choices=("pca", "zca"),
+        default="pca",
+        help="PRONG: U = diag(lam + eps)^-1/2 Q^T (pca, the paper) or Q diag(lam + eps)^-1/2 Q^T "
+        "(zca) (default: %(default)s)",
+    )
+    g.add_argument(
+        "--rescale",
+        action="store_true",
+        help="PRONG: the paper's per-minibatch diagonal rescaling, W = V D U",
+    )
+    g.add_argument(
         "--threads",
         type=_positive_int,
         default=1,

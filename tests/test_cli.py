@@ -137,6 +137,23 @@ def test_autoencoder_deterministic_and_tune(tmp_path):
     assert "Learning-rate grid" in (out / "summary.md").read_text()
 
 
+def test_autoencoder_zca_and_rescale_options_reach_prong(tmp_path):
+    base = ["autoencoder", "--updates", "8", "--batch-size", "8", "--train-samples", "32"]
+    base += ["--eval-samples", "16", "--eval-every", "4", "--interval", "5", "--methods", "prong", *FAST]
+    curves = {}
+    for name, extra in (("pca", []), ("zca", ["--whitening", "zca"]), ("rescale", ["--rescale"])):
+        out = tmp_path / name
+        assert cli.main(base + ["--out", str(out), *extra]) == 0
+        rows = assert_numeric_finite(out / "curves.csv", ["train_error"])
+        curves[name] = [r["train_error"] for r in rows]
+    # SGD is invariant under the rotation that turns PCA into ZCA (U_zca = Q U_pca), so the
+    # curves agree; rescaling changes the coordinates between re-whitenings, and the curve
+    assert curves["zca"] == curves["pca"] and curves["rescale"] != curves["pca"]
+    args = cli.build_parser().parse_args(["autoencoder", "--whitening", "zca", "--rescale"])
+    kwargs = common.ProngConfig.from_args(args).kwargs()
+    assert kwargs["whitening"] == "zca" and kwargs["rescale"] is True
+
+
 def test_autoencoder_idx_data(tmp_path, idx_dir):
     out = tmp_path / "ae"
     argv = [
@@ -293,6 +310,7 @@ def test_cnn_idx_and_digits_fallback(tmp_path, idx_dir, monkeypatch):
         (["autoencoder", "--lr", "foo=0.1"], "unknown method 'foo'"),
         (["autoencoder", "--updates", "0"], "--updates must be > 0"),
         (["autoencoder", "--eps", "-1"], "must be > 0"),
+        (["autoencoder", "--whitening", "pcaa"], "invalid choice: 'pcaa'"),
         (["autoencoder", "--arch", "64,8,32"], "first and last sizes must be 64"),
         (["sweep", "--intervals", "1.5"], "positive integers"),
         (["fisher", "--layer", "9"], "--layer 9"),

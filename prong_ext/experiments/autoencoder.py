@@ -153,7 +153,7 @@ def run(args: argparse.Namespace, out) -> dict:
         if m not in given and m != "rmsprop" and n_pix != 64:
             lrs[m] *= 64 / n_pix
     eval_every = args.eval_every or max(1, args.updates // 40)
-    pcfg = common.ProngConfig(interval=args.interval, eps=args.eps, num_samples=args.num_samples)
+    pcfg = common.ProngConfig.from_args(args)
 
     def build(bn):
         return build_autoencoder(sizes, args.activation, bn)

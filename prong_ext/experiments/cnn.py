@@ -80,7 +80,7 @@ def run(args: argparse.Namespace, out) -> dict:
     size = x.shape[-1]
     n_classes = int(max(y.max(), yt.max())) + 1
     lrs = common.parse_lrs(args.lr, args.methods, DEFAULT_LR)
-    pcfg = common.ProngConfig(interval=args.interval, eps=args.eps, num_samples=args.num_samples)
+    pcfg = common.ProngConfig.from_args(args)
     eval_every = args.eval_every or max(1, args.updates // 20)
     x_tr_eval, y_tr_eval = x[:2000], y[:2000]
 

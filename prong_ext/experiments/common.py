@@ -133,11 +133,28 @@ class ProngConfig:
     eps: float = 1e-2
     num_samples: int = 1024
     whitening: str = "pca"
+    rescale: bool = False
     whitened_init: bool = True  # reparametrize at t = 0 (else the first one happens at t = T)
+
+    @classmethod
+    def from_args(cls, args, **overrides) -> ProngConfig:
+        """The configuration the command line's PRONG options give (see prong_ext.cli)."""
+        values = dict(
+            interval=args.interval,
+            eps=args.eps,
+            num_samples=args.num_samples,
+            whitening=args.whitening,
+            rescale=args.rescale,
+        )
+        return cls(**{**values, **overrides})
 
     def kwargs(self) -> dict:
         return dict(
-            interval=self.interval, eps=self.eps, num_samples=self.num_samples, whitening=self.whitening
+            interval=self.interval,
+            eps=self.eps,
+            num_samples=self.num_samples,
+            whitening=self.whitening,
+            rescale=self.rescale,
         )
 
 

@@ -178,7 +178,7 @@ def run(args: argparse.Namespace, out) -> dict:
     if not 1 <= args.layer <= args.depth + 1:
         raise common.UsageError(f"--layer {args.layer}: the MLP has {args.depth + 1} linear layers")
     lrs = common.parse_lrs(args.lr, args.methods, DEFAULT_LR)
-    pcfg = common.ProngConfig(interval=args.interval, eps=args.eps, num_samples=args.num_samples)
+    pcfg = common.ProngConfig.from_args(args)
     every = max(1, args.updates // args.checkpoints)
 
     def build(bn):

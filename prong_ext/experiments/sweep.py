@@ -87,7 +87,7 @@ def run(args: argparse.Namespace, out) -> dict:
 
     def one(method, lr, eps, interval, whitened_init, desc):
         common.set_seed(args.seed)
-        cfg = common.ProngConfig(interval=interval, eps=eps, num_samples=args.num_samples)
+        cfg = common.ProngConfig.from_args(args, interval=interval, eps=eps)
         setup = common.setup_method(
             lambda bn: build_autoencoder(sizes, "sigmoid", bn), method, lr, args.momentum, cfg
         )
