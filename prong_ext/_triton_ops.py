@@ -19,13 +19,13 @@ a float32 fold) on every path, the torch fallback included.
 
 from __future__ import annotations
 
-import contextlib
 import re
 
 import torch
 from torch import Tensor
 from triton.runtime.jit import JITFunction
 
+from .ops import _full_precision
 from .triton_kernels.covariance import _cov_accum_kernel, cov_accumulate_launch
 from .triton_kernels.whiten_conv import (
     _fold_bwd_kernel,
@@ -42,13 +42,6 @@ INTERPRETED = not isinstance(_fold_kernel, JITFunction)
 _COV_SCHEMA = "(Tensor x, Tensor shift, Tensor(a!) s1, Tensor(b!) s2, bool allow_tf32=False) -> ()"
 _FOLD_SCHEMA = "(Tensor V, Tensor? d, Tensor U, Tensor c) -> (Tensor, Tensor)"
 _FOLD_BWD_SCHEMA = "(Tensor gW, Tensor gb, Tensor U, Tensor c) -> (Tensor, Tensor)"
-
-
-def _no_autocast(t: Tensor):
-    """Autocast off for t's device type while the ops run (a no-op outside autocast)."""
-    if torch.is_autocast_enabled(t.device.type):
-        return torch.autocast(t.device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 # --- plain torch, for devices Triton does not run on -------------------------------------------
@@ -181,7 +174,7 @@ def _fold_autograd(ctx, gW: Tensor | None, gb: Tensor | None):
         gW = torch.zeros(shape, dtype=dtype, device=device)
     if gb is None:
         gb = torch.zeros(shape[0], dtype=dtype, device=device)
-    with _no_autocast(gW):
+    with _full_precision(gW.device):
         gV, gd = torch.ops.prong_ext.fold_backward(gW, gb, U, c)
     return gV, (gd if ctx.has_d else None), None, None
 
@@ -198,7 +191,7 @@ def _fold_backward_autograd(ctx, ggV: Tensor | None, ggd: Tensor | None):
     shape, dtype, device = ctx.g_meta
     if ggV is None:
         ggV = torch.zeros(shape, dtype=dtype, device=device)
-    with _no_autocast(ggV):
+    with _full_precision(ggV.device):
         ggW, ggb = torch.ops.prong_ext.fold(ggV, ggd, U, c)
     return ggW, ggb, None, None
 
@@ -219,7 +212,7 @@ def cov_accumulate(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor, *, allow_tf
         shift: (C,) float32. s1: (C,) float32. s2: (C, C) float32, symmetric.
         allow_tf32: TF32 products on CUDA (float32 accumulation either way).
     """
-    with _no_autocast(x):
+    with _full_precision(x.device):
         torch.ops.prong_ext.cov_accumulate(x, shift, s1, s2, allow_tf32)
 
 
@@ -236,11 +229,11 @@ def fold(V: Tensor, d: Tensor | None, U: Tensor, c: Tensor) -> tuple[Tensor, Ten
     Returns:
         W (V's shape, contiguous, V's dtype) and b ((O,), V's dtype).
     """
-    with _no_autocast(V):
+    with _full_precision(V.device):
         return torch.ops.prong_ext.fold(V, d, U, c)
 
 
 def fold_backward(gW: Tensor, gb: Tensor, U: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     """gV[o, j, t] = sum_i (gW[o, i, t] - gb[o] c[i]) U[j, i] and gd = gb (a copy)."""
-    with _no_autocast(gW):
+    with _full_precision(gW.device):
         return torch.ops.prong_ext.fold_backward(gW, gb, U, c)

@@ -597,7 +597,7 @@ class Prong:
             if isinstance(mod, WhitenedConv2d):  # (N, C, H, W) or (C, H, W): channels last
                 x = x.movedim(-3, -1)
             rows = x.reshape(-1, mod.num_features)
-            with torch.no_grad(), torch.autocast(rows.device.type, enabled=False):
+            with torch.no_grad(), ops._full_precision(rows.device):
                 dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
                 u = mod.U.to(dtype)
                 blocks = u.shape[0] if u.dim() == 3 else 1
