@@ -9,7 +9,7 @@ optimizer (SGD, lr 0.01, momentum 0.9, so PRONG also maps the momentum across re
 
 Models:
 - "autoencoder": 784-1000-500-250-30-250-500-1000-784, sigmoid units, linear code layer,
-  sigmoid cross-entropy on the output, batch 256, num_samples 1024 (Martens 2010; PRONG.md).
+  sigmoid cross-entropy on the output, batch 256, num_samples 1024 (Martens 2010; docs/algorithm.md).
 - "resnet18": a ResNet-18-like CNN for small images (3x3 stem, no max-pool, 4 stages of 2 basic
   blocks of 64/128/256/512 channels with batch norm, global average pool, 10 classes), every conv
   and the classifier whitened (PRONG+); on the CPU 16x16 inputs at batch 32 with num_samples 128

@@ -1,4 +1,4 @@
-"""Naive PRONG: the baseline of the end-to-end benchmark, written straight from PRONG.md with the
+"""Naive PRONG: the baseline of the end-to-end benchmark, written straight from docs/algorithm.md with the
 naive ops of prong_ext.reference and no fusion anywhere.
 
 - Layers compute the two-step form: reference.whitened_linear (two matmuls) and
@@ -84,7 +84,7 @@ def _taps(w: torch.Tensor) -> torch.Tensor:
 
 
 class NaiveProng:
-    """Algorithm 1 of PRONG.md with the naive ops: `step(data)` after every optimizer step
+    """Algorithm 1 of docs/algorithm.md with the naive ops: `step(data)` after every optimizer step
     re-whitens every `interval` updates (the first call included) from one separate forward pass
     over `num_samples` examples of `data`.
 

@@ -1,7 +1,7 @@
 // Shared pieces of the batched eigh / whitening ops: argument checks, error messages and the
 // declarations of the per-device kernels registered in eigh_cpu.cpp and cuda/eigh_cuda.cpp.
 //
-// Contract of both ops (see PRONG.md, "New whitening coefficients"):
+// Contract of both ops (see docs/algorithm.md, "New whitening coefficients"):
 //   batched_eigh(Tensor[] mats) -> (Tensor[] eigenvalues, Tensor[] eigenvectors, Tensor info)
 //     mats[i]: (n_i, n_i) symmetric, float32 or float64, all on one device; only the lower triangle
 //     is read (torch.linalg.eigh's UPLO='L'). eigenvalues[i]: (n_i,) ascending; eigenvectors[i]:

@@ -2,7 +2,7 @@
 
 Whitened layers compute z = V U (h - c) + d; Prong re-estimates U and c from the statistics of
 each layer's input every T updates and re-projects V and d so that the network function does not
-change. See README.md and PRONG.md for the conventions.
+change. See README.md and docs/algorithm.md for the conventions.
 """
 
 from . import ops, reference

@@ -93,7 +93,7 @@ def batched_eigh(mats: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[tor
 def whitening(
     covs: list[torch.Tensor], eps: float, kind: str = "pca"
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Whitening transforms U and U^-1 of every covariance at once (PRONG.md).
+    """Whitening transforms U and U^-1 of every covariance at once (docs/algorithm.md).
 
     With Sigma = Q diag(lam) Q^T, lam clamped >= 0:
     pca: U = diag(lam + eps)^-1/2 Q^T, U^-1 = Q diag(lam + eps)^1/2;

@@ -9,7 +9,7 @@ Every op takes `backend`:
 - "extension": the compiled `_C` ops (batched_eigh, whitening).
 Asking for a backend that is not available raises.
 
-Conventions (PRONG.md): a whitened layer computes z = V U (h - c) + d; its canonical parameters are
+Conventions (docs/algorithm.md): a whitened layer computes z = V U (h - c) + d; its canonical parameters are
 W = V U (for convs, at every tap) and b = d - W c (summed over taps).
 
 Grouped convolutions (groups G > 1) whiten block-diagonally: the input's C channels form G blocks
@@ -419,7 +419,7 @@ def _grouped_eigh(mats: list[torch.Tensor]):
 def whitening(
     covs: list[torch.Tensor], eps: float, kind: str = "pca", *, backend: str = "auto"
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Whitening matrices U and U^-1 for every layer in one call (PRONG.md).
+    """Whitening matrices U and U^-1 for every layer in one call (docs/algorithm.md).
 
     Sigma = Q diag(lam) Q^T, lam clamped at 0:
     pca: U = diag(lam + eps)^-1/2 Q^T,     U^-1 = Q diag(lam + eps)^1/2;

@@ -1,4 +1,4 @@
-"""The PRONG training-loop controller (PRONG.md, Algorithm 1)."""
+"""The PRONG training-loop controller (docs/algorithm.md, Algorithm 1)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ class Prong:
     sees only the first batch; for a larger sample call `reparametrize(data)` before training,
     which then is the whitened initialization (the first `step()` does not redo it).
 
-    For every layer, with statistics mu and Sigma of its input h (PRONG.md):
+    For every layer, with statistics mu and Sigma of its input h (docs/algorithm.md):
     W, b = V U, d - V U c (canonical); c = mu; U from Sigma's eigenpairs with eps; V = W U^-1;
     d = b + W c. Layers without bias keep c = 0 and take U from the uncentered E[h h^T].
 
@@ -61,7 +61,7 @@ class Prong:
             exp_avg_sq (no exact transform exists) is kept as it is. "reset" clears the whitened
             parameters' optimizer state. "keep" leaves it untouched.
         max_features: layers with a wider input stay unwhitened (with a warning).
-        rescale: the paper's per-minibatch diagonal rescaling W = V D U (PRONG.md): at every
+        rescale: the paper's per-minibatch diagonal rescaling W = V D U (docs/algorithm.md): at every
             step() that does not re-whiten, U becomes D U0 (U0: the U of the last re-whitening)
             with D_jj = (u0_j^T (Sigma + eps I) u0_j)^-1/2, Sigma the second moment about c of
             the training inputs since the previous step(): each row gets unit variance under
@@ -523,7 +523,7 @@ class Prong:
 
     @staticmethod
     def _project(layer: _Whitened, mean, u, u_inv) -> tuple[dict, tuple]:
-        """New {V, d, U, c} in float64 keeping W and b (PRONG.md), and the old (U, c)."""
+        """New {V, d, U, c} in float64 keeping W and b (docs/algorithm.md), and the old (U, c)."""
         f64 = torch.float64
         V, U_old = layer.V.detach().to(f64), layer.U.to(f64)
         d = None if layer.d is None else layer.d.detach().to(f64)

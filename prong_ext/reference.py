@@ -1,7 +1,7 @@
 """Naive implementations of every prong_ext op.
 
 This module is the single oracle: tests compare the fast paths with it (in float64), benchmarks time
-it as the "naive" baseline, and its formulas are PRONG.md's written out with no fusion at all:
+it as the "naive" baseline, and its formulas are docs/algorithm.md's written out with no fusion at all:
 
 - covariance: permute to rows, center, one matmul (diagonal blocks sliced out for groups > 1);
 - whitened layers: the two-step form, whitening 1x1 conv by U on the centered (padded) input, then
@@ -150,7 +150,7 @@ def batched_eigh(mats: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[tor
 def whitening(
     covs: list[torch.Tensor], eps: float, kind: str = "pca"
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Whitening matrices U and their inverses from covariances (PRONG.md).
+    """Whitening matrices U and their inverses from covariances (docs/algorithm.md).
 
     Sigma = Q diag(lam) Q^T with lam clamped at 0;
     pca: U = diag(lam + eps)^-1/2 Q^T,     U^-1 = Q diag(lam + eps)^1/2;

@@ -324,7 +324,7 @@ def test_whiten_unwhiten_round_trip_with_a_depthwise_conv():
     assert isinstance(model[2], WhitenedConv2d) and model[2].U.shape == (6, 1, 1)
     assert isinstance(model[4], WhitenedConv2d) and model[4].U.shape == (2, 3, 3)
     torch.testing.assert_close(model(x), before, rtol=0, atol=0)
-    # re-whiten by hand, keeping the function (PRONG.md): V = W U^-1, d = b + W c, per group
+    # re-whiten by hand, keeping the function (docs/algorithm.md): V = W U^-1, d = b + W c, per group
     with torch.no_grad():
         for layer in (model[0], model[2], model[4]):
             W, b = layer.canonical()

@@ -138,7 +138,7 @@ def test_layer_gradients_reach_V_and_d_through_fold():
     layer.c.copy_(c)
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
     layer(x).square().sum().backward()
-    # PRONG.md: g_V[o, j] = sum_i (g_W[o, i] - g_b[o] c[i]) U[j, i], g_d = g_b
+    # docs/algorithm.md: g_V[o, j] = sum_i (g_W[o, i] - g_b[o] c[i]) U[j, i], g_d = g_b
     W, b = layer.canonical()
     W.requires_grad_(True)
     b.requires_grad_(True)

@@ -1,4 +1,4 @@
-"""Robustness of the Prong controller (PRONG.md): what must hold when training is not tidy.
+"""Robustness of the Prong controller (docs/algorithm.md): what must hold when training is not tidy.
 
 - Checkpoints: model / optimizer / Prong state dicts saved inside an open statistics window and
   loaded into fresh objects (in any order) continue the run bitwise as if never interrupted (SGD
