@@ -9,7 +9,7 @@ one group) and written under --out:
 
 - results.md: tables of the ratios (naive/prong, prong/plain layer, PRONG step/SGD step at
   T=100, the reparametrization's share) with their targets and floors, and the device;
-- results.json: device, versions, CPU count, the roofline, shapes, every raw median;
+- results.json: device, versions, the git commit, CPU count, the roofline, shapes, every raw median;
 - ratios.png: the ratios against their targets;
 - pytest.log: the pytest-benchmark console tables.
 
@@ -36,11 +36,11 @@ FILES = {
     "covariance": "bench_covariance.py",
     "whitened": "bench_whitened.py",
     "whitening": "bench_whitening.py",
-    "eigh": "bench_eigh.py",  # written by another engineer: included when present
+    "eigh": "bench_eigh.py",  # skipped when the file is absent
     "e2e": "bench_e2e.py",
 }
 
-# what the issue asks for; (comparison, value)
+# the figure each ratio is compared with in results.md: (comparison, value)
 TARGETS = {
     "covariance naive/prong": (">=", 1.2),
     "conv prong/plain": ("<=", 1.10),
@@ -172,6 +172,7 @@ def build_report(rows: list[dict], meta: dict) -> tuple[str, list[dict]]:
         f"Device: **{meta['device']}** ({meta['device_type']}); Python {meta['python']}, torch "
         f"{meta['torch']}, Triton {meta['triton'] or 'not installed'}; {meta['cpu_count']} CPUs, "
         f"{meta['threads']} torch threads; size `{meta['size']}`; run took {meta['wall_s']:.0f} s.",
+        f"Source: {meta['commit_text']}.",
         f"Roofline measured here: float32 GEMM {roof['gemm_gflops']:.0f} GFLOP/s, copy "
         f"{roof['copy_gbps']:.1f} GB/s (read + write).",
         "",
@@ -403,6 +404,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from common import device_name, pick_device, roofline
 
+    from prong_ext.experiments.common import commit_text, git_state
+
+    git = git_state(ROOT)  # before the run rewrites results/
+
     start = time.perf_counter()
     load_start = _loadavg()
     size = args.size or ("quick" if args.quick else "full")
@@ -450,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
         "triton": triton_version,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
+        **git,
+        "commit_text": commit_text(git),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),

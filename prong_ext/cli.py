@@ -7,7 +7,8 @@ Subcommands reproduce the experiments of Desjardins et al. 2015 (see docs/experi
     sweep        sensitivity to eps and T, whitened vs fan-in initialization (Fig. 3a-b)
     cnn          small VGG-like convnet: prong / prong+ vs sgd / bn
 
-Each writes CSV data, PNG plots and summary.md to ``--out`` (default ``out/<subcommand>``).
+Each writes CSV data, PNG plots, summary.md and run.json (command, versions, git commit) to
+``--out`` (default ``out/<subcommand>``).
 """
 
 from __future__ import annotations
@@ -171,12 +172,22 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # saturated sigmoids make denormals, 5-20x slower on x86
+    from . import data
+
+    try:
+        common.pyplot()  # every subcommand plots: say now, not after the training, when it cannot
+    except data.MissingExtraError as e:
+        parser.exit(1, f"{parser.prog} {args.command}: error: {e}\n")
+    args.env = common.environment()  # versions and git commit, taken before any output is written
     out = common.out_dir(args.out or Path("out") / args.command)
     start = time.perf_counter()
     try:
         module.run(args, out)
     except common.UsageError as e:
         parser.exit(2, f"{parser.prog} {args.command}: error: {e}\n")
+    except data.MissingExtraError as e:
+        parser.exit(1, f"{parser.prog} {args.command}: error: {e}\n")
+    common.write_run_info(out, argv, {**args.env, "wall_s": round(time.perf_counter() - start, 1)})
     print(f"\n{args.command}: wrote {out}/ in {time.perf_counter() - start:.1f} s")
     return 0
 

@@ -8,6 +8,7 @@ Fashion-MNIST are read from IDX files the user points at (``--data PATH``), or f
 from __future__ import annotations
 
 import gzip
+import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,9 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "EXTRA_INSTALL",
+    "MissingExtraError",
+    "import_extra",
     "Dataset",
     "FASHION_MNIST_DIR",
     "read_idx",
@@ -29,6 +33,27 @@ __all__ = [
 ]
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+EXTRA_INSTALL = "pip install 'prong_ext[experiments]'"
+
+
+class MissingExtraError(ImportError):
+    """A package of the ``experiments`` extra (matplotlib, tqdm, scikit-learn) is not installed."""
+
+
+def import_extra(name: str, purpose: str):
+    """Import module ``name`` of the ``experiments`` extra, or raise MissingExtraError saying how to
+    install it (the core package needs none of them)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        top = name.split(".")[0]
+        raise MissingExtraError(
+            f"{top} is needed for {purpose} but is not installed ({e}); install the experiments' "
+            f"dependencies with: {EXTRA_INSTALL}",
+            name=top,
+        ) from e
+
 
 # IDX type codes -> big-endian numpy dtypes.
 _IDX_DTYPES = {
@@ -196,9 +221,7 @@ def _shuffle(x, y, seed=0):
 
 def load_digits(test_fraction: float = 0.2) -> Dataset:
     """scikit-learn's digits: 1797 images 8x8 in [0, 1], split once with a fixed seed."""
-    from sklearn.datasets import load_digits as _ld
-
-    d = _ld()
+    d = import_extra("sklearn.datasets", "the digits data set (the default without --data)").load_digits()
     x = torch.tensor(d.images, dtype=torch.float32) / 16.0
     y = torch.tensor(d.target, dtype=torch.int64)
     x, y = _shuffle(x, y, seed=1234)

@@ -237,7 +237,8 @@ def run(args: argparse.Namespace, out) -> dict:
     )
 
     summary = summarize(results)
-    common.write_csv(out / "summary.csv", summary["rows"])
+    env = common.run_env(args)
+    common.write_csv(out / "summary.csv", common.with_commit(summary["rows"], env))
     header = summary["header"]
     table = [[row[k] for k in summary["keys"]] for row in summary["rows"]]
     md = [
@@ -248,7 +249,7 @@ def run(args: argparse.Namespace, out) -> dict:
         f"{x.shape[0]} training images, batch {args.batch_size}, {args.updates} updates, "
         f"T={args.interval}, eps={args.eps:g}, N_s={args.num_samples}, momentum={args.momentum:g}, "
         f"seed {args.seed}.  ",
-        f"Environment: {common.environment_line()}.",
+        f"Environment: {common.environment_line(env)}.",
         "",
         f"Training error = squared reconstruction error (sum over pixels, mean over {x_eval.shape[0]} "
         "training images). 'updates to SGD best' = first evaluation (every "

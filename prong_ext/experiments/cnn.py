@@ -176,7 +176,8 @@ def run(args: argparse.Namespace, out) -> dict:
         ]
         for r in results
     ]
-    common.write_csv(out / "summary.csv", [dict(zip(header, r)) for r in rows])
+    env = common.run_env(args)
+    common.write_csv(out / "summary.csv", common.with_commit([dict(zip(header, r)) for r in rows], env))
     md = [
         f"# Convnet ({ds.name})",
         "",
@@ -184,7 +185,7 @@ def run(args: argparse.Namespace, out) -> dict:
         f"{x.shape[0]} training and {xt.shape[0]} test images of {size}x{size}, batch {args.batch_size}, "
         f"{args.updates} updates, T={args.interval}, eps={args.eps:g}, N_s={args.num_samples}, "
         f"momentum {args.momentum:g}, seed {args.seed}.  ",
-        f"Environment: {common.environment_line()}.",
+        f"Environment: {common.environment_line(env)}.",
         "",
         common.md_table(header, rows),
         "",

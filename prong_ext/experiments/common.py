@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import csv
+import functools
+import json
 import math
 import os
 import platform
 import random
+import subprocess
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,12 +59,23 @@ def set_seed(seed: int) -> None:
 
 
 def progress(iterable=None, *, total=None, desc=None, disable=False, leave=False):
-    """A tqdm progress bar (to stderr); a plain iterator when tqdm is missing or disabled."""
+    """A tqdm progress bar (to stderr); a plain iterator when disabled or when tqdm is missing (then
+    a warning says how to install it: the bars are the only thing tqdm is used for)."""
+    if disable:
+        return iterable if iterable is not None else range(total)
+    from .. import data
+
     try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a demo dependency
+        tqdm = data.import_extra("tqdm.auto", "the progress bars (--quiet turns them off)").tqdm
+    except data.MissingExtraError as e:
+        _warn_once(str(e))
         return iterable if iterable is not None else range(total)
     return tqdm(iterable, total=total, desc=desc, disable=disable, leave=leave, dynamic_ncols=True)
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
 
 
 def batches(
@@ -355,9 +370,10 @@ def curve_rows(results: list[RunResult], **extra) -> list[dict]:
 
 
 def pyplot():
-    import matplotlib
+    """matplotlib.pyplot on the Agg backend; MissingExtraError (with the pip command) without it."""
+    from .. import data
 
-    matplotlib.use("Agg")
+    data.import_extra("matplotlib", "the experiments' plots").use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
@@ -423,11 +439,101 @@ def text_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(out)
 
 
-def environment_line() -> str:
+OUTPUT_DIRS = ("results", "benchmarks/results")  # committed outputs, rewritten by the runs
+
+
+def git_state(root: str | os.PathLike | None = None) -> dict:
+    """The git commit of the checkout at ``root`` (default: the one holding this prong_ext) and
+    whether its tracked files differ from that commit.
+
+    Returns ``{"commit": 40-hex SHA or None, "dirty": bool or None, "changed": [paths]}``. Changes
+    under the committed output folders (results/, benchmarks/results/), which the runs themselves
+    rewrite, are not counted. ``commit`` is None when ``root`` is not the top of a git checkout
+    (an installed package) or git is missing.
+    """
+    root = Path(root) if root is not None else Path(prong_ext.__file__).resolve().parent.parent
+
+    def git(*a):
+        return subprocess.run(
+            ["git", "-C", str(root), *a], capture_output=True, text=True, timeout=30, check=True
+        ).stdout
+
+    try:
+        top = git("rev-parse", "--show-toplevel").strip()
+        if Path(top).resolve() != root.resolve():
+            raise ValueError(f"{root} is not the top of its checkout")
+        commit = git("rev-parse", "HEAD").strip()
+        status = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None, "changed": []}
+    changed = [line[3:] for line in status.splitlines() if line[3:]]
+    changed = [c for c in changed if not any(c.startswith(d + "/") for d in OUTPUT_DIRS)]
+    return {"commit": commit, "dirty": bool(changed), "changed": changed}
+
+
+def commit_text(state: dict) -> str:
+    """'commit SHA (clean)', 'commit SHA + uncommitted changes to N tracked files' or 'commit
+    unknown (...)'."""
+    if state["commit"] is None:
+        return "commit unknown (not a git checkout)"
+    if state["dirty"]:
+        n = len(state["changed"])
+        return f"commit {state['commit']} + uncommitted changes to {n} tracked file{'s' * (n != 1)}"
+    return f"commit {state['commit']} (clean)"
+
+
+def _version(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment() -> dict:
+    """Versions, machine, threads, the compiled extension and the git state of this run."""
+    from .. import _extension
+
+    return {
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "extension": _extension._C is not None,
+        **git_state(),
+    }
+
+
+def run_env(args) -> dict:
+    """The environment the CLI recorded when the run started (``args.env``), else the current one."""
+    if getattr(args, "env", None) is None:
+        args.env = environment()
+    return args.env
+
+
+def environment_line(env: dict | None = None) -> str:
+    """One line for summary.md: versions, machine, threads, extension, git commit."""
+    env = env or environment()
     return (
-        f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads, "
-        f"python {platform.python_version()}"
+        f"torch {env['torch']}, triton {env['triton'] or 'not installed'}, numpy {env['numpy']}, "
+        f"{env['machine']}, {env['threads']} threads, python {env['python']}, "
+        f"prong_ext._C {'compiled' if env['extension'] else 'absent (torch path)'}; {commit_text(env)}"
     )
+
+
+def write_run_info(out: str | os.PathLike, argv: list[str] | None, env: dict | None = None) -> dict:
+    """Write run.json beside summary.md: the command, the environment and the git state."""
+    info = {"command": command_line(argv), **(env or environment())}
+    (Path(out) / "run.json").write_text(json.dumps(info, indent=1) + "\n")
+    return info
+
+
+def with_commit(rows: list[dict], env: dict) -> list[dict]:
+    """The summary rows with the commit and the dirty flag as last columns (for summary.csv)."""
+    return [{**r, "commit": env["commit"] or "", "dirty": env["dirty"]} for r in rows]
 
 
 def command_line(argv: list[str] | None) -> str:

@@ -304,7 +304,8 @@ def run(args: argparse.Namespace, out) -> dict:
     header = ["method", "lr", "cond at t=0", "cond at end", "final train loss", "final train error"]
     btab = [[b["stage"], b["model"], b["cond_before"], b["cond_after"], b["reduction_pct"]] for b in blocks]
     bhead = ["network", "trained with", "cond before whitening", "cond after whitening", "reduction %"]
-    common.write_csv(out / "summary.csv", [dict(zip(header, r)) for r in rows])
+    env = common.run_env(args)
+    common.write_csv(out / "summary.csv", common.with_commit([dict(zip(header, r)) for r in rows], env))
     common.write_csv(out / "whitening.csv", [dict(zip(bhead, r)) for r in btab])
     sizes = [x.shape[1]] + [args.hidden] * args.depth + [n_classes]
     md = [
@@ -316,7 +317,7 @@ def run(args: argparse.Namespace, out) -> dict:
         f"averaged exactly over {x_f.shape[0]} images and all classes; batch {args.batch_size}, "
         f"{args.updates} updates, T={args.interval}, eps={args.eps:g}, momentum={args.momentum:g}, "
         f"seed {args.seed}.  ",
-        f"Environment: {common.environment_line()}.",
+        f"Environment: {common.environment_line(env)}.",
         "",
         "## Whitening the layer (Fig. 2a-b)",
         "",

@@ -158,6 +158,7 @@ def run(args: argparse.Namespace, out) -> dict:
             [("sgd" if key[1] is None else f"prong eps={key[1]:g}")]
             + [(c["final_error"] if not c["diverged"] else "diverged") for c in cells]
         )
+    env = common.run_env(args)
     md = [
         f"# Hyper-parameter sensitivity ({ds.name})",
         "",
@@ -165,7 +166,7 @@ def run(args: argparse.Namespace, out) -> dict:
         f"Auto-encoder {'-'.join(map(str, sizes))} (sigmoid, cross-entropy), {x.shape[0]} images, "
         f"batch {args.batch_size}, {args.updates} updates per run, momentum {args.momentum:g}, "
         f"N_s={args.num_samples}, seed {args.seed}.  ",
-        f"Environment: {common.environment_line()}.",
+        f"Environment: {common.environment_line(env)}.",
         "",
         f"## (a) final training error, eps x learning rate (T={args.interval})",
         "",
