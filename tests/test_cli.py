@@ -2,10 +2,14 @@
 
 import csv
 import gzip
+import json
 import math
+import re
+import shutil
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -340,3 +344,79 @@ def test_module_entry_point_help():
     assert res.returncode == 0
     for sub in cli.SUBCOMMANDS:
         assert sub in res.stdout
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _git_head():
+    if shutil.which("git") is None:
+        return None
+    res = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return res.stdout.strip() if res.returncode == 0 else None
+
+
+def test_summary_records_git_commit(tmp_path):
+    """summary.md's environment line, summary.csv and run.json name the commit the run came from."""
+    head = _git_head()
+    if head is None or Path(common.prong_ext.__file__).resolve().parent.parent != ROOT:
+        pytest.skip("not run from a git checkout of this repository")
+    out = tmp_path / "ae"
+    argv = ["autoencoder", "--out", str(out), "--updates", "2", "--methods", "sgd", "--train-samples", "32"]
+    assert cli.main(argv + FAST) == 0
+    line = next(x for x in (out / "summary.md").read_text().splitlines() if x.startswith("Environment:"))
+    assert re.search(r"torch \S+, triton ", line)
+    m = re.search(r"commit ([0-9a-f]{40})( \(clean\)| \+ uncommitted changes to \d+ tracked files?)", line)
+    assert m, line
+    assert m.group(1) == head
+    info = json.loads((out / "run.json").read_text())
+    assert info["commit"] == head and isinstance(info["dirty"], bool)
+    assert info["command"] == "python -m prong_ext " + " ".join(argv + FAST)
+    assert {r["commit"] for r in read_csv(out / "summary.csv")} == {head}
+
+
+def test_git_state_outside_a_checkout(tmp_path):
+    assert common.git_state(tmp_path) == {"commit": None, "dirty": None, "changed": []}
+    assert common.commit_text(common.git_state(tmp_path)) == "commit unknown (not a git checkout)"
+
+
+def _run_without(module, argv, tmp_path):
+    """The CLI in a fresh interpreter in which ``import module`` fails, as when it is not installed."""
+    code = (
+        f"import sys; sys.modules[{module!r}] = None\n"
+        "from prong_ext import cli\n"
+        f"sys.exit(cli.main({argv!r}))\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+
+
+@pytest.mark.parametrize("module", ["matplotlib", "sklearn"])
+def test_missing_extra_names_the_pip_command(tmp_path, module):
+    res = _run_without(
+        module, ["autoencoder", "--updates", "2", "--out", str(tmp_path / "o"), "--quiet"], tmp_path
+    )
+    assert res.returncode == 1, res.stderr
+    assert f"error: {module} is needed for" in res.stderr
+    assert "pip install 'prong_ext[experiments]'" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_missing_tqdm_warns_and_runs_without_bars(tmp_path):
+    argv = [
+        "autoencoder",
+        "--updates",
+        "2",
+        "--methods",
+        "sgd",
+        "--train-samples",
+        "32",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    res = _run_without("tqdm", argv, tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "tqdm is needed for the progress bars" in res.stderr
+    assert "pip install 'prong_ext[experiments]'" in res.stderr
+    assert (tmp_path / "o" / "summary.md").exists()
