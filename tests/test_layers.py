@@ -58,8 +58,9 @@ def test_canonical_properties():
     torch.testing.assert_close(layer.weight, W)
     torch.testing.assert_close(layer.bias, b)
     assert not layer.weight.requires_grad
-    with pytest.raises(AttributeError):
-        layer.weight = torch.zeros(4, 3, 3, 3)
+    layer.weight = torch.zeros(4, 3, 3, 3)  # writes through: V = W U^-1, d keeps b (test_dropin.py)
+    assert layer.V.abs().max().item() == 0.0
+    torch.testing.assert_close(layer.bias, b)
 
 
 @pytest.mark.parametrize("n_in,n_out,rows", [(1, 3, 5), (17, 4, 6), (5, 9, 2), (6, 6, 1)])
