@@ -6,7 +6,7 @@ change. See README.md and docs/algorithm.md for the conventions.
 """
 
 from . import ops, reference
-from .convert import unwhiten, whiten
+from .convert import named_parameters, tied_parameters, unwhiten, whiten
 from .nn import WhitenedConv2d, WhitenedLinear
 from .prong import Prong
 
@@ -14,8 +14,10 @@ __all__ = [
     "Prong",
     "WhitenedConv2d",
     "WhitenedLinear",
+    "named_parameters",
     "ops",
     "reference",
+    "tied_parameters",
     "unwhiten",
     "whiten",
 ]

@@ -66,8 +66,16 @@ def _triton_ops():
 
 def _use_triton(backend: str, *tensors: torch.Tensor) -> bool:
     if backend == "triton":
-        if _triton_ops() is None:
+        triton_ops = _triton_ops()
+        if triton_ops is None:
             raise RuntimeError("backend='triton' was requested but Triton is not installed")
+        off_gpu = sorted({str(t.device) for t in tensors if not t.is_cuda})
+        if off_gpu and not triton_ops.INTERPRETED:
+            raise RuntimeError(
+                f"backend='triton' runs on CUDA tensors, got tensors on {off_gpu}; Triton's "
+                "interpreter runs the kernels on CPU tensors when TRITON_INTERPRET=1 is set before "
+                "prong_ext is imported; or use backend='auto' or 'torch'"
+            )
         return True
     if backend == "auto":
         return all(t.is_cuda for t in tensors) and _triton_ops() is not None

@@ -13,12 +13,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import _dist, ops
 from ._dist import assign_by_cost
+from .convert import tied_parameters
 from .nn import WhitenedConv2d, WhitenedLinear, _Whitened
 
 __all__ = ["Prong", "assign_by_cost"]
 
 _FIRST_MOMENTS = ("momentum_buffer", "exp_avg")
-_SECOND_MOMENTS = ("exp_avg_sq",)
+_SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")
+#: hyperparameters a checkpoint carries (load_state_dict takes them from it)
+_HYPERPARAMETERS = ("interval", "num_samples", "eps", "whitening", "optimizer_state")
 _TIMINGS = ("statistics", "eigh", "projection")
 
 
@@ -134,10 +137,15 @@ class Prong:
                 "convert it with prong_ext.whiten(model) first"
             )
         self.layers: dict[str, _Whitened] = {}
-        too_wide = []
+        too_wide, tied = [], []
+        tied_ids = tied_parameters(model)
         for name, module in whitened:
             if module.num_features > max_features:
                 too_wide.append(f"{name or '<model>'} ({module.num_features})")
+            elif any(id(p) in tied_ids for p in (module.V, module.d) if p is not None):
+                tied.append(
+                    " = ".join(next(tied_ids[id(p)] for p in (module.V, module.d) if id(p) in tied_ids))
+                )
             else:
                 self.layers[name] = module
         if too_wide:
@@ -145,6 +153,17 @@ class Prong:
                 f"Prong leaves {len(too_wide)} layer(s) wider than {max_features=} unwhitened: "
                 + ", ".join(too_wide),
                 stacklevel=2,
+            )
+        if tied:
+            warnings.warn(
+                f"Prong leaves {len(tied)} whitened layer(s) whose parameters other modules hold too "
+                "(tied weights) as they are, since re-whitening rewrites V and d: " + "; ".join(tied),
+                stacklevel=2,
+            )
+        if not self.layers:
+            raise ValueError(
+                "none of the model's whitened layers can be re-whitened (all are wider than "
+                "max_features or have tied parameters)"
             )
 
         self.timings = dict.fromkeys(_TIMINGS, 0.0)
@@ -157,6 +176,7 @@ class Prong:
         # rescaling: per layer, the number of rows and the sums of (U (h - c))^2 since step()
         self._rescale_sums: dict[str, tuple[int, torch.Tensor]] = {}
         self._examples_per_step: float | None = None
+        self._warned_state_keys: set[str] = set()  # optimizer state keys already warned about
         self._window: dict[str, ops.CovarianceAccumulator] | None = None
         self._window_steps = 0
         self._window_seen = 0
@@ -195,6 +215,8 @@ class Prong:
                     "were gathered: run the model's training forward pass (in training mode, not "
                     "compiled) before prong.step(), or pass the inputs: prong.step(data)"
                 )
+            if data is None:
+                self._warn_few_examples()
             self._rewhiten(stats)
             self._close_window()
             done = True
@@ -209,6 +231,22 @@ class Prong:
         self._step += 1
         self._schedule_window()
         return done
+
+    def _warn_few_examples(self) -> None:
+        """Warns when the window's statistics hold fewer than num_samples examples."""
+        taken = [n for n in self._window_budget["taken"].values() if n > 0]
+        if taken and min(taken) < self.num_samples:
+            first = (
+                " For the whitened initialization from num_samples examples, call "
+                "prong.reparametrize(data) before training."
+                if self._step == 0
+                else ""
+            )
+            warnings.warn(
+                f"Prong re-whitens at update {self._step} from {min(taken)} examples, fewer than "
+                f"num_samples={self.num_samples}.{first}",
+                stacklevel=3,
+            )
 
     def reparametrize(self, data: torch.Tensor | Iterable | None = None) -> None:
         """Re-whitens every layer now.
@@ -239,7 +277,13 @@ class Prong:
             self._close_window()
             self._schedule_window()
         else:
-            self._rewhiten(self._statistics(self._gather(data)))
+            stats = self._statistics(self._gather(data))
+            if all(count == 0 for count, _, _ in stats.values()):
+                raise ValueError(
+                    "reparametrize(data): the data reached none of the whitened layers (no "
+                    f"forward pre-hook of {sorted(self.layers)} ran); nothing was changed"
+                )
+            self._rewhiten(stats)
         if self._step == 0:
             self._initialized = True
 
@@ -257,7 +301,9 @@ class Prong:
             acc = accumulators[name]
 
             def hook(mod, args):
-                if torch.compiler.is_compiling():  # not traced: statistics stay outside graphs
+                # not traced: statistics stay outside graphs; and a copy of the layer (deepcopy
+                # of the model carries its hooks) feeds nothing
+                if torch.compiler.is_compiling() or mod is not module:
                     return
                 if not mod.training and budget.get("training_only", False):
                     return
@@ -547,6 +593,7 @@ class Prong:
         u_inv_old = None
         state_v = opt.state.get(layer.V, {})
         state_d = opt.state.get(layer.d, {}) if layer.d is not None else {}
+        self._warn_untransformed(state_v, state_d)
         for key in _FIRST_MOMENTS:
             g_v = state_v.get(key)
             if not isinstance(g_v, torch.Tensor):
@@ -562,6 +609,27 @@ class Prong:
                 g_w = g_w + ops.outer_taps(g_d, c_old, g_w) - ops.outer_taps(g_d, new["c"], g_w)
             out[key] = ops.mul_in(g_w, new["U"].mT)
         return out
+
+    def _warn_untransformed(self, *states: dict) -> None:
+        """Warns once per key about per-parameter optimizer state that no transform maps to the
+        new coordinates (RMSprop's square_avg, Adamax's exp_inf, Adagrad's sum, ...)."""
+        known = set(_FIRST_MOMENTS) | set(_SECOND_MOMENTS)
+        keys = {
+            key
+            for state in states
+            for key, value in state.items()
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and key not in known
+        }
+        new = sorted(keys - self._warned_state_keys)
+        if new:
+            self._warned_state_keys.update(new)
+            warnings.warn(
+                f"Prong cannot transform the optimizer state {new} of {type(self.optimizer).__name__} to "
+                "the new coordinates and keeps it as it is; its first moments "
+                f"{list(_FIRST_MOMENTS)} are transformed. optimizer_state='reset' drops the "
+                "whitened parameters' state at every re-whitening instead",
+                stacklevel=2,
+            )
 
     def _old_u_inv(self, name: str, u_old: torch.Tensor) -> torch.Tensor:
         """U^-1 of the layer's current U: the one from the eigenpairs of the last re-whitening
@@ -590,7 +658,7 @@ class Prong:
         """Forward pre-hook summing (U (h - c))_j^2 over the rows of training inputs."""
 
         def hook(mod, args):
-            if not mod.training or torch.compiler.is_compiling():
+            if not mod.training or torch.compiler.is_compiling() or mod is not self.layers[name]:
                 return
             start = time.perf_counter()
             x = args[0].detach()
@@ -727,6 +795,16 @@ class Prong:
         def here(name, value):  # to the layer's device
             return _to_device(value, self.layers[name].U.device)
 
+        changed = [
+            f"{key}={state[key]!r} (constructed with {getattr(self, key)!r})"
+            for key in _HYPERPARAMETERS
+            if key in state and state[key] != getattr(self, key)
+        ]
+        if changed:
+            warnings.warn(
+                "Prong.load_state_dict takes the checkpoint's " + ", ".join(changed),
+                stacklevel=2,
+            )
         self._close_window()
         self._step = int(state["step"])
         self._initialized = bool(state["initialized"])
