@@ -79,3 +79,25 @@ def eval_out(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         out = model(x)
     model.train(mode)
     return out
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """u = eps / 2: the largest relative error of one rounding to `dtype`."""
+    return torch.finfo(dtype).eps / 2
+
+
+def tol(dtype: torch.dtype, n: int = 1, scale: float = 1.0) -> dict:
+    """rtol and atol for torch.testing.assert_close of a result computed in `dtype` (float32 state,
+    say) against a more precise reference, from the precision instead of assert_close's defaults.
+
+    A sum or dot product of n terms computed in `dtype` is off by at most gamma_n * sum |a_i b_i|,
+    gamma_n = n u / (1 - n u) ~ n u (Higham, Accuracy and Stability of Numerical Algorithms, 3.1),
+    in whatever order the terms are added: the bound holds for every BLAS blocking, SIMD width and
+    number of threads, where a tolerance fitted to one machine's rounding does not. `n` counts the
+    roundings that can add up along the longest chain (the reduction length, plus one per
+    elementwise step); `scale` is the size of the terms, sum |a_i b_i| (atol = rtol * scale covers
+    results that cancel to much less than their terms). The factor 2 leaves room for the rounding
+    of the inputs themselves (a float64 reference of float32 operands is not their exact result).
+    """
+    r = 2 * n * unit_roundoff(dtype)
+    return {"rtol": r, "atol": r * scale}
