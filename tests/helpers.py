@@ -101,3 +101,15 @@ def tol(dtype: torch.dtype, n: int = 1, scale: float = 1.0) -> dict:
     """
     r = 2 * n * unit_roundoff(dtype)
     return {"rtol": r, "atol": r * scale}
+
+
+# float64 computed two ways (another order of the same sums, an eigendecomposition of a
+# well-conditioned matrix): up to ~1000 roundings of terms of size up to ~10. assert_close's
+# float64 defaults (1e-7) are five orders looser and would not notice a float32 step in the path.
+F64 = tol(torch.float64, n=1000, scale=10.0)
+
+
+def cond(*mats: torch.Tensor) -> float:
+    """The largest 2-norm condition number of the (batched) matrices: how much the rounding of a
+    result that went through their inverses can grow."""
+    return max(torch.linalg.cond(m.detach().double()).max().item() for m in mats)
