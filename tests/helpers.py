@@ -106,7 +106,7 @@ def tol(dtype: torch.dtype, n: int = 1, scale: float = 1.0) -> dict:
 # float64 computed two ways (another order of the same sums, an eigendecomposition of a
 # well-conditioned matrix): up to ~1000 roundings of terms of size up to ~10. assert_close's
 # float64 defaults (1e-7) are five orders looser and would not notice a float32 step in the path.
-F64 = tol(torch.float64, n=1000, scale=10.0)
+F64_TOL = tol(torch.float64, n=1000, scale=10.0)
 
 
 def cond(*mats: torch.Tensor) -> float:

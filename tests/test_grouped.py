@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import F64_TOL, tol
 from prong_ext import WhitenedConv2d, WhitenedLinear, ops, reference, unwhiten, whiten
 
 F64 = torch.float64
@@ -96,7 +97,7 @@ def test_grouped_whitened_conv2d_equals_reference(case, bias):
     out = ops.whitened_conv2d(x, V, d, U, c, *args)
     c_ref = c if bias else torch.zeros(c_in, dtype=F64)
     ref = reference.whitened_conv2d(x, V, d, U, c_ref, *args)
-    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(out, ref, **F64_TOL)
     # the layer agrees with the op
     layer = WhitenedConv2d(c_in, c_out, kernel, groups=groups, bias=bias, padding_mode=padding_mode, **conv)
     layer = layer.double()
@@ -106,11 +107,11 @@ def test_grouped_whitened_conv2d_equals_reference(case, bias):
         layer.c.copy_(c_ref)
         if bias:
             layer.d.copy_(d)
-    torch.testing.assert_close(layer(x), ref)
+    torch.testing.assert_close(layer(x), ref, **F64_TOL)
     inputs = (x, V) if d is None else (x, V, d)
     g = torch.randn_like(ref)
     for a, b in zip(torch.autograd.grad(out, inputs, g), torch.autograd.grad(ref, inputs, g)):
-        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, b, **F64_TOL)
 
 
 @pytest.mark.parametrize("form", ["fold", "act"])
@@ -138,8 +139,8 @@ def test_grouped_fold_gradients_follow_prong_md():
     for o in range(c_out):
         g = o // per
         a = gW[o] - gb[o] * c[g * k : (g + 1) * k, None, None]
-        torch.testing.assert_close(gV[o], torch.einsum("ihw,ji->jhw", a, U[g]))
-    torch.testing.assert_close(gd, gb)
+        torch.testing.assert_close(gV[o], torch.einsum("ihw,ji->jhw", a, U[g]), **F64_TOL)
+    torch.testing.assert_close(gd, gb, **F64_TOL)
 
 
 def test_grouped_fold_equals_loops():
@@ -153,10 +154,10 @@ def test_grouped_fold_equals_loops():
     for o in range(c_out):
         g = o // per
         w = torch.einsum("jhw,ji->ihw", V[o], U[g])
-        torch.testing.assert_close(W[o], w)
+        torch.testing.assert_close(W[o], w, **F64_TOL)
         wc = (w * c[g * k : (g + 1) * k, None, None]).sum()
-        torch.testing.assert_close(b[o], d[o] - wc)
-        torch.testing.assert_close(b_none[o], -wc)
+        torch.testing.assert_close(b[o], d[o] - wc, **F64_TOL)
+        torch.testing.assert_close(b_none[o], -wc, **F64_TOL)
     assert torch.equal(W_none, W)
 
 
@@ -169,7 +170,7 @@ def test_triton_backend_rejects_groups_and_auto_falls_back(monkeypatch):
     # "auto" where Triton would be used (CUDA tensors): grouped layers take the torch fold
     ref = reference.whitened_conv2d(x, V, d, U, c, 1, 1, 1, "zeros", 2)
     monkeypatch.setattr(ops, "_use_triton", lambda backend, *tensors: True)
-    torch.testing.assert_close(ops.whitened_conv2d(x, V, d, U, c, 1, 1, 1, "zeros", 2), ref)
+    torch.testing.assert_close(ops.whitened_conv2d(x, V, d, U, c, 1, 1, 1, "zeros", 2), ref, **F64_TOL)
     acc = ops.CovarianceAccumulator(4, groups=2)
     acc.update(x.detach())
     assert acc.compute()[1].shape == (2, 2, 2)
@@ -208,10 +209,12 @@ def test_mul_in_centre_term_outer_taps_equal_loops(groups, taps):
         gr = o // per
         for j in range(3):
             want = sum(a[o, i] * m[gr, i, j] for i in range(k))
-            torch.testing.assert_close(out[o, j], want)
-        torch.testing.assert_close(ct[o], sum((a[o, i] * c[gr * k + i]).sum() for i in range(k)))
+            torch.testing.assert_close(out[o, j], want, **F64_TOL)
+        torch.testing.assert_close(ct[o], sum((a[o, i] * c[gr * k + i]).sum() for i in range(k)), **F64_TOL)
         for i in range(k):
-            torch.testing.assert_close(ot[o, i], torch.full(taps, (g[o] * c[gr * k + i]).item(), dtype=F64))
+            torch.testing.assert_close(
+                ot[o, i], torch.full(taps, (g[o] * c[gr * k + i]).item(), dtype=F64), **F64_TOL
+            )
     if groups == 1:  # the ungrouped forms
         assert torch.equal(ct, ops.taps_sum(a) @ c)
         if not taps:
@@ -232,7 +235,7 @@ def test_mul_in_grouped_is_block_diagonal_product():
     want = ops.mul_in(dense, _block_diag(m))
     for o in range(6):
         g = o // 2
-        torch.testing.assert_close(out[o], want[o, 2 * g : 2 * g + 2])
+        torch.testing.assert_close(out[o], want[o, 2 * g : 2 * g + 2], **F64_TOL)
 
 
 # --- statistics: the diagonal blocks of the covariance --------------------------------------------
@@ -262,10 +265,17 @@ def test_grouped_covariance_is_the_diagonal_blocks(layout, c, groups, dtype):
     expected = torch.stack([ref_full[g * k : (g + 1) * k, g * k : (g + 1) * k] for g in range(groups)])
     if groups == 1:
         expected = expected[0]
-    tol = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {}
-    torch.testing.assert_close(mean, ref_mean, **tol)
-    torch.testing.assert_close(cov, expected, **tol)
-    torch.testing.assert_close(reference.covariance(x, groups=groups)[1], expected)
+    # accumulated in `dtype` over `count` rows: the bound of those sums, relative to the size of
+    # the terms (|x| for the mean; for the covariance the products of rows less a shift near
+    # the mean, up to about 4 variances)
+    mean_tol, cov_tol = F64_TOL, F64_TOL
+    if dtype == torch.float32:
+        mean_tol = tol(dtype, n=count, scale=x.abs().max().item())
+        cov_tol = tol(dtype, n=count + 2, scale=4 * ref_full.diagonal().max().item())
+    torch.testing.assert_close(mean, ref_mean, **mean_tol)
+    torch.testing.assert_close(cov, expected, **cov_tol)
+    # the same computation as ref_full's, of the same (rounded) input, sliced
+    assert torch.equal(reference.covariance(x.to(dtype).double(), groups=groups)[1], expected)
 
 
 @pytest.mark.parametrize("groups", [2, 6])
@@ -340,7 +350,7 @@ def test_whiten_unwhiten_round_trip_with_a_depthwise_conv():
                 layer.d.copy_(b + ops.centre_term(W, c))
     assert not torch.equal(model[2].V, model[2].canonical()[0])  # the whitening does something
     whitened = model(x)
-    torch.testing.assert_close(whitened, before)
+    torch.testing.assert_close(whitened, before, **F64_TOL)
     unwhiten(model)
     assert type(model[2]) is nn.Conv2d and model[2].groups == 6 and model[4].groups == 2
     assert model[2].weight.shape == (6, 1, 3, 3) and model[4].bias is None

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import F64
+from helpers import F64_TOL
 from prong_ext import WhitenedConv2d, WhitenedLinear, ops, reference
 
 
@@ -54,14 +54,14 @@ def test_canonical_properties():
     layer.c.copy_(c)
     W, b = layer.canonical()
     expected_W = torch.einsum("ojhw,ji->oihw", layer.V.detach(), U)
-    torch.testing.assert_close(W, expected_W, **F64)
-    torch.testing.assert_close(b, layer.d.detach() - torch.einsum("oihw,i->o", expected_W, c), **F64)
-    torch.testing.assert_close(layer.weight, W, **F64)
-    torch.testing.assert_close(layer.bias, b, **F64)
+    torch.testing.assert_close(W, expected_W, **F64_TOL)
+    torch.testing.assert_close(b, layer.d.detach() - torch.einsum("oihw,i->o", expected_W, c), **F64_TOL)
+    torch.testing.assert_close(layer.weight, W, **F64_TOL)
+    torch.testing.assert_close(layer.bias, b, **F64_TOL)
     assert not layer.weight.requires_grad
     layer.weight = torch.zeros(4, 3, 3, 3)  # writes through: V = W U^-1, d keeps b (test_dropin.py)
     assert layer.V.abs().max().item() == 0.0
-    torch.testing.assert_close(layer.bias, b, **F64)
+    torch.testing.assert_close(layer.bias, b, **F64_TOL)
 
 
 @pytest.mark.parametrize("n_in,n_out,rows", [(1, 3, 5), (17, 4, 6), (5, 9, 2), (6, 6, 1)])
@@ -73,12 +73,12 @@ def test_whitened_linear_equals_reference(n_in, n_out, rows):
     x = torch.randn(rows, n_in, dtype=torch.float64, requires_grad=True)
     out = ops.whitened_linear(x, V, d, U, c)
     ref = reference.whitened_linear(x, V, d, U, c)
-    torch.testing.assert_close(out, ref, **F64)
+    torch.testing.assert_close(out, ref, **F64_TOL)
     g = torch.randn_like(ref)
     grads = torch.autograd.grad(out, (x, V, d), g)
     ref_grads = torch.autograd.grad(ref, (x, V, d), g)
     for a, b in zip(grads, ref_grads):
-        torch.testing.assert_close(a, b, **F64)
+        torch.testing.assert_close(a, b, **F64_TOL)
     assert torch.autograd.gradcheck(lambda x, V, d: ops.whitened_linear(x, V, d, U, c), (x, V, d))
 
 
@@ -108,11 +108,11 @@ def test_whitened_conv2d_equals_reference(case, bias, backend):
     conv = dict(stride=case["stride"], padding=case["padding"], dilation=case["dilation"])
     out = ops.whitened_conv2d(x, V, d, U, c if bias else None, **conv, backend=backend)
     ref = reference.whitened_conv2d(x, V, d, U, c, **conv)
-    torch.testing.assert_close(out, ref, **F64)
+    torch.testing.assert_close(out, ref, **F64_TOL)
     inputs = (x, V) if d is None else (x, V, d)
     g = torch.randn_like(ref)
     for a, b in zip(torch.autograd.grad(out, inputs, g), torch.autograd.grad(ref, inputs, g)):
-        torch.testing.assert_close(a, b, **F64)
+        torch.testing.assert_close(a, b, **F64_TOL)
 
     if backend == "torch":  # the Triton fold's gradcheck is in test_triton_kernels.py
 
@@ -130,7 +130,7 @@ def test_padding_modes_equal_reference(mode, batch):
     U, c = _random_whitening(2)
     x = torch.randn(batch, 2, 5, 5, dtype=torch.float64)
     out = ops.whitened_conv2d(x, V, d, U, c, 1, 1, 1, mode)
-    torch.testing.assert_close(out, reference.whitened_conv2d(x, V, d, U, c, 1, 1, 1, mode), **F64)
+    torch.testing.assert_close(out, reference.whitened_conv2d(x, V, d, U, c, 1, 1, 1, mode), **F64_TOL)
 
 
 def test_layer_gradients_reach_V_and_d_through_fold():
@@ -146,8 +146,8 @@ def test_layer_gradients_reach_V_and_d_through_fold():
     b.requires_grad_(True)
     F.conv2d(x, W, b, padding=1).square().sum().backward()
     g_v = torch.einsum("oihw,ji->ojhw", W.grad - b.grad[:, None, None, None] * c[None, :, None, None], U)
-    torch.testing.assert_close(layer.V.grad, g_v, **F64)
-    torch.testing.assert_close(layer.d.grad, b.grad, **F64)
+    torch.testing.assert_close(layer.V.grad, g_v, **F64_TOL)
+    torch.testing.assert_close(layer.d.grad, b.grad, **F64_TOL)
     assert layer.U.grad is None
 
 
