@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from helpers import F64_TOL, tol
 from prong_ext import _extension, ops, reference
 
 EIGH_BACKENDS = [
@@ -10,6 +11,17 @@ EIGH_BACKENDS = [
         marks=pytest.mark.skipif(_extension._C is None, reason="prong_ext._C is not built"),
     ),
 ]
+
+
+def _mean_tol(x, count):
+    """A float32 mean of `count` rows: the bound of that sum, relative to the largest |x|."""
+    return tol(torch.float32, n=count, scale=x.abs().max().item())
+
+
+def _cov_tol(ref_cov, count):
+    """A covariance accumulated in float32 over `count` rows: the bound of those sums of
+    products of rows less a shift near the mean (up to about 4 variances each)."""
+    return tol(torch.float32, n=count + 2, scale=4 * ref_cov.diagonal().max().item())
 
 
 def _inputs(layout, c, dtype=torch.float32):
@@ -34,8 +46,8 @@ def test_covariance_equals_reference(c, layout, backend):
     mean, cov, count = ops.covariance(x, backend=backend)
     ref_mean, ref_cov, ref_count = reference.covariance(x.double())
     assert count == ref_count
-    torch.testing.assert_close(mean, ref_mean, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(cov, ref_cov, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mean, ref_mean, **_mean_tol(x, count))
+    torch.testing.assert_close(cov, ref_cov, **_cov_tol(ref_cov, count))
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "large_images"])
@@ -68,11 +80,11 @@ def test_accumulator_streaming_equals_one_pass(backend):
     mean, cov, count = acc.compute()
     ref_mean, ref_cov, ref_count = reference.covariance(torch.cat(batches).double())
     assert count == ref_count
-    torch.testing.assert_close(mean, ref_mean)
-    torch.testing.assert_close(cov, ref_cov, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(mean, ref_mean, **_mean_tol(torch.cat(batches), count))
+    torch.testing.assert_close(cov, ref_cov, **_cov_tol(ref_cov, count))
     restored = ops.CovarianceAccumulator(4)
     restored.load_state_dict(acc.state_dict())
-    torch.testing.assert_close(restored.compute()[1], cov)
+    assert torch.equal(restored.compute()[1], cov)  # the same state, the same computation
 
 
 def test_triton_accumulator_rejects_float64():
@@ -103,9 +115,9 @@ def test_batched_eigh_mixed_sizes_equals_loop(backend):
     values, vectors = ops.batched_eigh(mats, backend=backend)
     ref_values, _ = reference.batched_eigh(mats)
     for m, lam, q, ref in zip(mats, values, vectors, ref_values):
-        torch.testing.assert_close(lam, ref)
-        torch.testing.assert_close(q @ torch.diag(lam) @ q.T, m)
-        torch.testing.assert_close(q.T @ q, torch.eye(len(lam), dtype=q.dtype))
+        torch.testing.assert_close(lam, ref, **F64_TOL)
+        torch.testing.assert_close(q @ torch.diag(lam) @ q.T, m, **F64_TOL)
+        torch.testing.assert_close(q.T @ q, torch.eye(len(lam), dtype=q.dtype), **F64_TOL)
 
 
 @pytest.mark.parametrize("backend", EIGH_BACKENDS)
@@ -132,10 +144,12 @@ def test_whitening_decorrelates(kind, backend):
         expected = torch.diag(lam / (lam + eps))
     else:
         expected = q @ torch.diag(lam / (lam + eps)) @ q.T
-    assert (white_cov - expected).abs().max().item() < 1e-6
-    torch.testing.assert_close(u @ u_inv, torch.eye(6, dtype=torch.float64))
+    # float64 throughout: the bound of U Sigma U^T's sums, in units of |U| |Sigma| |U|^T
+    scale = (u.abs() @ cov.abs() @ u.abs().T).max().item()
+    torch.testing.assert_close(white_cov, expected, **tol(torch.float64, n=len(x) + 12, scale=scale))
+    torch.testing.assert_close(u @ u_inv, torch.eye(6, dtype=torch.float64), **F64_TOL)
     ref_u, ref_u_inv = reference.whitening([cov], eps, kind)
-    torch.testing.assert_close(u_inv @ u, ref_u_inv[0] @ ref_u[0])
+    torch.testing.assert_close(u_inv @ u, ref_u_inv[0] @ ref_u[0], **F64_TOL)
 
 
 @pytest.mark.parametrize("backend", EIGH_BACKENDS)
@@ -188,7 +202,7 @@ def test_accumulator_state_dict_empty_old_format_device_and_mismatch():
     mean, cov, count = acc.compute()
     old = {"count": count, "mean": mean, "m2": cov * count}  # the format before the raw state
     restored.load_state_dict(old)
-    torch.testing.assert_close(restored.compute()[1], cov)
+    torch.testing.assert_close(restored.compute()[1], cov, **F64_TOL)  # cov * count / count
     restored.load_state_dict(acc.state_dict(), device="meta")
     assert restored.mean.device.type == "meta" and restored.m2.device.type == "meta"
     with pytest.raises(ValueError, match="num_features"):
@@ -207,4 +221,4 @@ def test_restored_triton_state_continues_on_the_torch_path():
     _, ref_cov, ref_count = reference.covariance(torch.cat(batches).double())
     mean, cov, count = torch_acc.compute()
     assert count == ref_count and torch_acc._triton_state is None
-    torch.testing.assert_close(cov, ref_cov, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cov, ref_cov, **_cov_tol(ref_cov, count))
