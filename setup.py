@@ -1,5 +1,8 @@
 """Build prong_ext: the Python package, its Triton kernels and the optional compiled extension `_C`.
 
+The metadata (name, version, dependencies, extras, scripts) is static, in pyproject.toml; this file
+holds only what is computed at build time: the extension, its build command, the package folders.
+
 Environment:
     PRONG_EXT_NO_EXTENSION=1   skip the compiled extension (pure torch/Triton package).
     PRONG_EXT_FORCE_CPU=1      build `_C` without CUDA even when torch and the toolkit have it.
@@ -82,17 +85,8 @@ def _extensions():
 ext_modules, cmdclass, variant = _extensions()
 
 setup(
-    name="prong_ext",
-    version="0.1.0",
-    description=(
-        "Natural Neural Networks (PRONG): whitened layers, fused Triton kernels, batched cuSOLVER eigh"
-    ),
     packages=["prong_ext", "prong_ext.experiments", "prong_ext.triton_kernels"],
     package_dir={"prong_ext": "prong_ext", "prong_ext.triton_kernels": "triton_kernels"},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.11", "numpy"],
-    extras_require={"triton": ["triton>=3.6"], "demo": ["matplotlib", "tqdm", "scikit-learn"]},
-    entry_points={"console_scripts": ["prong-ext = prong_ext.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     options={"build": {"build_base": os.path.join("build", variant)}},

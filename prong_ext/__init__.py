@@ -22,4 +22,4 @@ __all__ = [
     "whiten",
 ]
 
-__version__ = "0.1.0"
+from ._version import __version__ as __version__  # noqa: E402  (the one definition: _version.py)
