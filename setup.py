@@ -2,6 +2,8 @@
 
 The metadata (name, version, dependencies, extras, scripts) is static, in pyproject.toml; this file
 holds only what is computed at build time: the extension, its build command, the package folders.
+The build of `_C` also writes prong_ext/_build_info.py beside it (torch version, CUDA version, arch
+list it was compiled for), which prong_ext._extension reads without importing `_C`.
 
 Environment:
     PRONG_EXT_NO_EXTENSION=1   skip the compiled extension (pure torch/Triton package).
@@ -78,8 +80,33 @@ def _extensions():
         ext = cpp_extension.CppExtension(
             "prong_ext._C", sources, define_macros=define_macros, extra_compile_args=cxx_flags
         )
-    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
-    return [ext], {"build_ext": build_ext}, "cuda" if use_cuda else "cpu"
+    build_info = {
+        "torch_version": str(torch.__version__),
+        "cuda_version": torch.version.cuda if use_cuda else None,
+        "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if use_cuda else None,
+    }
+    return [ext], {"build_ext": _build_ext_class(cpp_extension, build_info)}, "cuda" if use_cuda else "cpu"
+
+
+def _build_ext_class(cpp_extension, build_info):
+    """torch's BuildExtension (ninja) that also writes prong_ext/_build_info.py next to `_C`: in the
+    build folder (what a wheel ships) and, for in-place and editable builds, in the source folder."""
+
+    class BuildExtWithInfo(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+        def run(self):
+            super().run()
+            text = '"""Written by setup.py with prong_ext._C: what _C was compiled against."""\n\n' + "".join(
+                f"{key} = {value!r}\n" for key, value in build_info.items()
+            )
+            folders = [os.path.join(self.build_lib, "prong_ext")]
+            if self.inplace:
+                folders.append(self.get_finalized_command("build_py").get_package_dir("prong_ext"))
+            for folder in folders:
+                os.makedirs(folder, exist_ok=True)
+                with open(os.path.join(folder, "_build_info.py"), "w") as f:
+                    f.write(text)
+
+    return BuildExtWithInfo
 
 
 ext_modules, cmdclass, variant = _extensions()

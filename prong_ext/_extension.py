@@ -1,6 +1,9 @@
 """Loading of the optional compiled extension `prong_ext._C`, and Python entry points to its ops.
 
-The package works without it (pure torch path) and says so once, at the first request.
+The package works without it (pure torch path) and says so once, at the first request. A `_C`
+compiled against another torch than the installed one is not loaded: the build records its torch
+in prong_ext/_build_info.py (setup.py), read here without importing `_C`, and a mismatch is named
+in one warning at import, with the command that rebuilds it.
 
 Loading `_C` defines the `prong_ext` torch.library namespace (csrc/prong_ext.cpp):
 
@@ -11,18 +14,58 @@ with CPU kernels (LAPACK through ATen) and, when built with CUDA, CUDA kernels (
 one call per size/dtype group). This module registers their fake kernels for torch.compile.
 """
 
+import importlib
+import importlib.util
 import warnings
 
 import torch
 
 _C = None
-_error: Exception | None = None
+_error: Exception | str | None = None
 _warned = False
+_REBUILD = "pip install --no-build-isolation ."
 
-try:
-    from . import _C  # noqa: F811  (loading registers the C++ ops of the prong_ext namespace)
-except ImportError as exc:  # not built, or built against another torch
-    _error = exc
+
+def _build_info():
+    """The module prong_ext._build_info that the build of `_C` wrote beside it (the torch, CUDA and
+    arch list `_C` was compiled against), or None: no `_C`, or one built before that record existed."""
+    try:
+        if importlib.util.find_spec(f"{__package__}._C") is None:
+            return None
+        return importlib.import_module(f"{__package__}._build_info")
+    except (ImportError, ValueError):
+        return None
+
+
+def _torch_mismatch() -> str | None:
+    """The message when `_C` was compiled against another torch than the one installed, else None.
+
+    Read from the record, without importing `_C`: a `_C` built against another torch usually fails
+    to import with an undefined C++ symbol, or worse, imports and misbehaves."""
+    info = _build_info()
+    built = getattr(info, "torch_version", None)
+    if built is None or built == str(torch.__version__):
+        return None
+    cuda = getattr(info, "cuda_version", None)
+    return (
+        f"prong_ext._C was built against torch {built}"
+        + (f" (CUDA {cuda})" if cuda else "")
+        + f" but torch {torch.__version__} is installed; the compiled ops are disabled and the "
+        f"pure torch path is used. Rebuild prong_ext against this torch, in its source folder: "
+        f"`{_REBUILD}` (`pip install --no-build-isolation -e .` for an editable install)."
+    )
+
+
+_mismatch = _torch_mismatch()
+if _mismatch is not None:
+    _error = _mismatch
+    _warned = True  # this warning is the one; available() does not add a second
+    warnings.warn(_mismatch, stacklevel=2)
+else:
+    try:
+        from . import _C  # noqa: F811  (loading registers the C++ ops of the prong_ext namespace)
+    except ImportError as exc:  # not built, or built against another torch without a record
+        _error = exc
 
 
 def available() -> bool:
@@ -32,7 +75,7 @@ def available() -> bool:
         _warned = True
         warnings.warn(
             f"prong_ext._C is not available ({_error}); using the pure torch path. "
-            "Build it with `pip install --no-build-isolation .` to enable the compiled ops.",
+            f"Build it with `{_REBUILD}` to enable the compiled ops.",
             stacklevel=2,
         )
     return _C is not None
