@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.deps-installed
 
-.PHONY: build test demo compile-check wheel bench lint clean
+.PHONY: build test demo compile-check wheel wheel-cpu bench lint clean
 
 $(STAMP): requirements-dev.txt
 	test -x $(PY) || $(PYTHON3) -m venv $(VENV)
@@ -29,9 +29,14 @@ demo: build
 compile-check: build
 	env -u TRITON_INTERPRET $(PY) -m prong_ext.triton_kernels.compile_check
 
-# The CUDA wheel (torch 2.14.1 CUDA venv in .venv-cuda), checked for sm_80 and sm_90 code.
+# The sdist, and the CUDA wheel built from it (torch 2.14.1 CUDA venv in .venv-cuda), checked for
+# sm_80 and sm_90 code, into dist/.
 wheel:
 	bash scripts/build_wheel.sh
+
+# The sdist, a CPU wheel built from it with .venv's torch, installed and run in a fresh venv.
+wheel-cpu: $(STAMP)
+	bash scripts/build_wheel.sh --cpu
 
 # The benchmark suite, naive against prong_ext, on whatever device is present; writes
 # benchmarks/results/ (results.md, results.json, a PNG plot).
@@ -42,4 +47,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check prong_ext triton_kernels tests benchmarks setup.py
 
 clean:
-	rm -rf build dist *.egg-info prong_ext/_C*.so .pytest_cache
+	rm -rf build dist *.egg-info prong_ext/_C*.so prong_ext/_build_info.py .pytest_cache
