@@ -94,7 +94,8 @@ def _fold_kernel(
                 mask=mask_k[:, None] & mask_c[None, :],
                 other=0.0,
             ).to(acc_ty)
-            acc = tl.dot(a, u, acc, input_precision="ieee")
+            # out_dtype explicit: Triton 3.6 defaults it to float32 and rejects a float64 acc
+            acc = tl.dot(a, u, acc, input_precision="ieee", out_dtype=acc_ty)
         w_off = o[:, None] * I * T + cols[None, :] * T + t[:, None]
         tl.store(
             w_ptr + w_off,
@@ -206,7 +207,7 @@ def _fold_bwd_kernel(
             mask=mask_k[:, None] & mask_c[None, :],
             other=0.0,
         ).to(acc_ty)
-        acc = tl.dot(a, ut, acc, input_precision="ieee")
+        acc = tl.dot(a, ut, acc, input_precision="ieee", out_dtype=acc_ty)  # see _fold_kernel
     gv_off = o[:, None] * I * T + cols[None, :] * T + t[:, None]
     tl.store(gv_ptr + gv_off, acc.to(gv_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_c[None, :])
     tl.store(gd_ptr + o, gb.to(gd_ptr.dtype.element_ty), mask=mask_r & (t == 0) & (pid_j == 0))
