@@ -86,6 +86,31 @@ def cuda_built() -> bool:
     return _C is not None and bool(_C.cuda_built())
 
 
+_REBUILD_CUDA = f'TORCH_CUDA_ARCH_LIST="8.0;9.0" CUDA_HOME=/usr/local/cuda {_REBUILD}'
+_warned_no_cuda = False
+
+
+def no_cuda_kernels_message() -> str:
+    """Why `_C` cannot take CUDA tensors, with the command that builds it with CUDA."""
+    return (
+        "prong_ext._C was built without CUDA (a CPU torch, no CUDA toolkit, or "
+        "PRONG_EXT_FORCE_CPU=1 at build time): it has CPU kernels only. With a CUDA torch and the "
+        f"CUDA toolkit installed, rebuild it in prong_ext's source folder: `{_REBUILD_CUDA}`"
+    )
+
+
+def warn_no_cuda_kernels() -> None:
+    """Says once that CUDA tensors take the torch path because `_C` has no CUDA kernels."""
+    global _warned_no_cuda
+    if not _warned_no_cuda:
+        _warned_no_cuda = True
+        warnings.warn(
+            no_cuda_kernels_message() + ". Until then CUDA eigendecompositions take the torch path "
+            "(torch.linalg.eigh).",
+            stacklevel=4,
+        )
+
+
 def cusolver_info() -> tuple[int, int, bool] | None:
     """(cuSOLVER version at build time, at run time, cusolverDnXsyevBatched usable), or None.
 

@@ -2,12 +2,14 @@
 
 Every op takes `backend`:
 - "auto" (default): the fastest path available for the inputs' device: Triton kernels for CUDA
-  tensors, the compiled extension `_C` for eigendecompositions where it is built, the torch path
-  otherwise;
+  tensors, the compiled extension `_C` for eigendecompositions where it is built (for CUDA
+  tensors: built with CUDA; a CPU-only `_C` sends them to the torch path and says so once), the
+  torch path otherwise;
 - "torch": plain PyTorch (the CPU path; fused, unlike prong_ext.reference);
 - "triton": the Triton kernels (on CPU tensors only through the interpreter, TRITON_INTERPRET=1);
 - "extension": the compiled `_C` ops (batched_eigh, whitening).
-Asking for a backend that is not available raises.
+Asking for a backend that is not available raises (also "extension" for CUDA tensors when `_C`
+was built without CUDA: the message gives the command that rebuilds it).
 
 Conventions (docs/algorithm.md): a whitened layer computes z = V U (h - c) + d; its canonical parameters are
 W = V U (for convs, at every tap) and b = d - W c (summed over taps).
@@ -82,15 +84,32 @@ def _use_triton(backend: str, *tensors: torch.Tensor) -> bool:
     return False
 
 
-def _use_extension(backend: str) -> bool:
-    if backend == "extension":
-        if not _extension.available():
+def _is_cuda(t: torch.Tensor) -> bool:
+    """Whether t is a CUDA tensor: the device test of the extension's dispatch."""
+    return t.is_cuda
+
+
+def _use_extension(backend: str, tensors: list[torch.Tensor]) -> bool:
+    """Whether the compiled `_C` takes `tensors`: it must be built, and built with CUDA for CUDA
+    tensors. Where it cannot, backend='extension' raises and 'auto' takes the torch path (saying
+    once why, for CUDA tensors and a `_C` without CUDA)."""
+    if backend not in ("auto", "extension"):
+        return False
+    if backend == "extension" and not _extension.available():
+        raise RuntimeError(
+            "backend='extension' was requested but prong_ext._C is not built; "
+            "install with `pip install --no-build-isolation .`"
+        )
+    if not _extension.available():
+        return False
+    if any(_is_cuda(t) for t in tensors) and not _extension.cuda_built():
+        if backend == "extension":
             raise RuntimeError(
-                "backend='extension' was requested but prong_ext._C is not built; "
-                "install with `pip install --no-build-isolation .`"
+                "backend='extension' got CUDA tensors, but " + _extension.no_cuda_kernels_message()
             )
-        return True
-    return backend == "auto" and _extension.available()
+        _extension.warn_no_cuda_kernels()
+        return False
+    return True
 
 
 def _full_precision(device: torch.device):
@@ -403,7 +422,7 @@ def batched_eigh(
     mats = list(mats)
     _check_square(mats)
     _check_finite(mats, "matrices")
-    if _use_extension(backend):
+    if _use_extension(backend, mats):
         return _extension.batched_eigh(mats)
     values: list[torch.Tensor | None] = [None] * len(mats)
     vectors: list[torch.Tensor | None] = [None] * len(mats)
@@ -451,7 +470,7 @@ def whitening(
     covs = list(covs)
     _check_square(covs)
     _check_finite(covs, "matrices")
-    if _use_extension(backend):
+    if _use_extension(backend, covs):
         return _extension.whitening(covs, float(eps), kind)
     us: list[torch.Tensor | None] = [None] * len(covs)
     u_invs: list[torch.Tensor | None] = [None] * len(covs)
