@@ -4,12 +4,15 @@ On the CPU the kernels run through the Triton interpreter (TRITON_INTERPRET=1, s
 with `TRITON_INTERPRET=0` on a GPU machine the `cuda` cases run the compiled kernels.
 """
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from helpers import unit_roundoff
 from prong_ext import _triton_ops as ops
+from prong_ext.triton_kernels import covariance as cov_module
 from prong_ext.triton_kernels.covariance import (
     _cov_accum_kernel,
     cov_accumulate,
@@ -144,26 +147,122 @@ def test_cov_accumulate_matches_float64(device, C, layout):
         assert torch.equal(s2, s2.T)
 
 
+@pytest.mark.parametrize("rows_i64", [False, True], ids=["rows_i32", "rows_i64"])
 @pytest.mark.parametrize(
     ("C", "layout", "block_c", "splits"),
     [(3, "2d", 16, 3), (17, "nchw", 16, 2), (40, "channels_last", 16, 3), (123, "2d_sliced", 32, 3)],
 )
-def test_cov_accumulate_tiles_and_row_splits(C, layout, block_c, splits):
-    """Several upper tiles, their mirrors and the atomic path of several row splits."""
-    if not ops.INTERPRETED:
-        pytest.skip("interpreter test")
-    x = make_x(layout, C, 37 if layout != "2d_sliced" else 45)
+def test_cov_accumulate_tiles_and_row_splits(device, C, layout, block_c, splits, rows_i64):
+    """Several upper tiles, their mirrors and the atomic path of several row splits; with int64
+    row indices too (the path of inputs past 2^31 rows, forced here on small ones)."""
+    x = make_x(layout, C, 37 if layout != "2d_sliced" else 45, device=device)
     shift = rows64(x)[0].float()
-    s1, s2 = torch.randn(C), sym(C)
+    s1, s2 = torch.randn(C, device=device), sym(C, device)
     e1, e2 = shifted_sums64(x, shift)
     e1, e2 = e1 + s1.double(), e2 + s2.double()
     b1, b2 = shifted_sums_bound(x, shift, s1, s2)
-    grid = launch_cov(x, shift, s1, s2, block_r=16, block_c=block_c, num_splits=splits)
+    grid = launch_cov(x, shift, s1, s2, block_r=16, block_c=block_c, num_splits=splits, rows_i64=rows_i64)
     n_col = -(-C // block_c)
     assert grid == (n_col * (n_col + 1) // 2, splits)
     assert_within(s1, e1, b1)
     assert_within(s2, e2, b2)
     torch.testing.assert_close(s2, s2.T, rtol=1e-6, atol=1e-5)
+
+
+@pytest.fixture
+def programs(monkeypatch):
+    """The programs a launch aims at: the device's on CUDA; in the interpreter (one split by
+    default) those of a 132-SM GPU, so that the CUDA heuristic and its row splits run here too."""
+
+    def use(device):
+        if device == "cpu":
+            monkeypatch.setattr(cov_module, "_target_programs", lambda x: 4 * 132)
+
+    return use
+
+
+@pytest.fixture
+def deterministic():
+    """A context in which torch.are_deterministic_algorithms_enabled() is True."""
+
+    @contextlib.contextmanager
+    def enabled():
+        before = torch.are_deterministic_algorithms_enabled()
+        warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+    return enabled
+
+
+def test_cov_accumulate_conv_batch_default_launch(device, programs):
+    """A conv layer's batch with the launcher's own choices: several row splits added with atomics
+    (on CUDA a real batch: 64 images of 64 channels, 32 x 32)."""
+    programs(device)
+    shape = (64, 64, 32, 32) if device == "cuda" else (6, 24, 9, 10)
+    x = (torch.randn(shape, dtype=torch.float64) + 0.5).float().to(device)
+    C = shape[1]
+    shift = x[0, :, 0, 0].contiguous()
+    s1, s2 = torch.zeros(C, device=device), torch.zeros(C, C, device=device)
+    grid, _ = cov_accumulate_launch(x, shift, s1, s2)
+    assert grid[1] > 1
+    e1, e2 = shifted_sums64(x, shift)
+    b1, b2 = shifted_sums_bound(x, shift, s1, s2)
+    cov_accumulate(x, shift, s1, s2)
+    assert_within(s1, e1, b1)
+    assert_within(s2, e2, b2)
+
+
+def test_cov_accumulate_deterministic_is_one_split_and_bitwise_reproducible(device, programs, deterministic):
+    programs(device)
+    C = 8
+    x = make_x("channels_last", C, 4096, device=device)
+    shift = rows64(x)[0].float()
+    s1, s2 = torch.zeros(C, device=device), torch.zeros(C, C, device=device)
+    assert cov_accumulate_launch(x, shift, s1, s2)[0][1] > 1  # several splits by default
+    runs = []
+    with deterministic():
+        assert cov_accumulate_launch(x, shift, s1, s2)[0] == (1, 1)
+        for _ in range(2):
+            s1, s2 = torch.zeros(C, device=device), torch.zeros(C, C, device=device)
+            ops.cov_accumulate(x, shift, s1, s2)
+            runs.append((s1, s2))
+    (s1, s2), (t1, t2) = runs
+    assert torch.equal(s1, t1) and torch.equal(s2, t2)
+    assert torch.equal(s2, s2.T)
+    e1, e2 = shifted_sums64(x, shift)
+    b1, b2 = shifted_sums_bound(x, shift, torch.zeros_like(s1), torch.zeros_like(s2))
+    assert_within(s1, e1, b1)
+    assert_within(s2, e2, b2)
+
+
+@pytest.mark.cuda
+def test_cov_accumulate_past_2_31_rows():
+    """2^31 + 2^20 rows, int64 row indices and several splits: 2049 copies of one 1024 x 1024
+    image (a stride-0 batch dim, 8 MB). Its rows are the shift but for a few that differ by +-1,
+    so every partial sum is an integer below 2^24, exact in float32 in any order: the sums must be
+    exactly 2049 times the image's."""
+    if ops.INTERPRETED:
+        pytest.skip("run with TRITON_INTERPRET=0 to test the compiled kernels")
+    C, H, W = 2, 1024, 1024
+    n = 2**31 // (H * W) + 1
+    g = torch.Generator().manual_seed(0)
+    image = torch.ones(C, H * W)
+    picked = torch.cat([torch.randint(0, H * W, (62,), generator=g), torch.tensor([0, H * W - 1])])
+    image[torch.arange(len(picked)) % C, picked] += torch.randint(0, 2, (len(picked),), generator=g) * 2.0 - 1
+    shift = torch.ones(C)
+    y = (image - 1.0).double()
+    e1, e2 = n * y.sum(1), n * (y @ y.T)
+    x = image.view(1, C, H, W).cuda().expand(n, C, H, W)
+    shift = shift.cuda()
+    s1, s2 = torch.zeros(C, device="cuda"), torch.zeros(C, C, device="cuda")
+    grid, kwargs = cov_accumulate_launch(x, shift, s1, s2)
+    assert kwargs["ROWS_I64"] and kwargs["M"] == n * H * W > 2**31 and grid[1] > 1
+    ops.cov_accumulate(x, shift, s1, s2)
+    assert torch.equal(s1.cpu().double(), e1) and torch.equal(s2.cpu().double(), e2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -138,6 +138,15 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _target_programs(x: torch.Tensor) -> int | None:
+    """Programs one launch aims at for x's device: 4 per SM on CUDA; None elsewhere (the
+    interpreter, where fewer, longer programs are faster: one row split)."""
+    if not x.is_cuda:
+        return None
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    return 4 * _num_sms(index)
+
+
 def _row_layout(x: torch.Tensor) -> tuple[int, tuple[int, int, int], tuple[int, int, int], int]:
     """Rows of x as up to three (size, stride) dims, merged where the strides allow.
 
@@ -193,11 +202,19 @@ def cov_accumulate_launch(
     block_r: int | None = None,
     block_c: int | None = None,
     num_splits: int | None = None,
+    rows_i64: bool | None = None,
 ) -> tuple[tuple[int, int], dict] | None:
     """The launch of `cov_accumulate`: (grid, kernel keyword arguments), or None when x has no rows.
 
     `torch.library.triton_op` callers launch `wrap_triton(_cov_accum_kernel)[grid](**kwargs)`.
-    block_r, block_c and num_splits override the heuristics (tests use them to reach every path).
+
+    Row splits: on CUDA enough to give every SM about four programs, each of at least 16 row
+    blocks, their partial sums added with atomics (in no fixed order); one split, a plain
+    read-modify-write, under `torch.use_deterministic_algorithms(True)`, so that the sums are
+    bitwise reproducible (at the price of fewer programs: T (T + 1) / 2 for T column tiles).
+
+    block_r, block_c, num_splits and rows_i64 (int64 row indices, the path of inputs past 2^31
+    rows) override the heuristics; tests use them to reach every path with small inputs.
     """
     C = _check(x, shift, s1, s2)
     M, (_, R1, R2), (sr0, sr1, sr2), stride_c = _row_layout(x)
@@ -211,17 +228,16 @@ def cov_accumulate_launch(
     n_tiles = n_col * (n_col + 1) // 2
     row_blocks = triton.cdiv(M, block_r)
     if num_splits is None:
-        if x.is_cuda:
-            index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-            target = 4 * _num_sms(index)
-            # at least 16 row blocks per split, so the atomics stay a small part of the work
-            num_splits = max(1, min(triton.cdiv(target, n_tiles), triton.cdiv(row_blocks, 16)))
-        else:  # the interpreter: fewer, longer programs are faster
+        target = _target_programs(x)
+        if target is None or torch.are_deterministic_algorithms_enabled():
             num_splits = 1
+        else:  # at least 16 row blocks per split, so the atomics stay a small part of the work
+            num_splits = max(1, min(triton.cdiv(target, n_tiles), triton.cdiv(row_blocks, 16)))
     num_splits = max(1, min(num_splits, row_blocks))
     rows_per_split = triton.cdiv(row_blocks, num_splits) * block_r
     num_splits = triton.cdiv(M, rows_per_split)
-    rows_i64 = M + rows_per_split >= 2**31
+    if rows_i64 is None:
+        rows_i64 = M + rows_per_split >= 2**31
     kwargs = dict(
         x_ptr=x,
         shift_ptr=shift,
@@ -244,7 +260,7 @@ def cov_accumulate_launch(
         BLOCK_C=block_c,
         ALLOW_TF32=bool(allow_tf32),
         USE_ATOMICS=num_splits > 1,
-        ROWS_I64=rows_i64,
+        ROWS_I64=bool(rows_i64),
     )
     return (n_tiles, num_splits), kwargs
 
@@ -263,7 +279,8 @@ def cov_accumulate(
 
     Only the upper tiles of s2 are computed; each is added to its mirror too, so s2 stays
     symmetric (bit for bit with one row split; with several, whose partial sums are added with
-    atomics in any order, to float32 rounding of s2's entries).
+    atomics in any order, to float32 rounding of s2's entries). Under
+    `torch.use_deterministic_algorithms(True)` one split: bitwise reproducible sums.
 
     Args:
         x: (M, C) or (N, C, H, W), any strides (read in place), float32, float16 or bfloat16. Every
