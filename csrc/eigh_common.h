@@ -18,6 +18,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <sstream>
@@ -96,6 +97,35 @@ inline int debug_fail_mode(int64_t index) {
     }
   }
   return 0;
+}
+
+// Largest number of matrices per batched cuSOLVER call: cusolverDnXsyevBatched (and the Jacobi
+// syevjBatched) address the whole batch with 32-bit ints, so n * lda * count (lda = n) must stay
+// <= max_elements, INT32_MAX in use. Returns min(batch, max_elements / n^2): `batch` when n = 0,
+// 0 when a single matrix is already larger. A batch is solved in chunks of this many matrices,
+// the last one shorter.
+inline int64_t batch_chunk(int64_t n, int64_t batch, int64_t max_elements) {
+  TORCH_CHECK(n >= 0 && batch >= 0 && max_elements >= 0, "prong_ext: batch_chunk(n=", n,
+              ", batch=", batch, ", max_elements=", max_elements, ") takes non-negative sizes");
+  if (n == 0) return batch;
+  if (n > max_elements / n) return 0;  // n * n > max_elements (and no overflow computing it)
+  return std::min(batch, max_elements / (n * n));
+}
+
+// The max_elements of batch_chunk: INT32_MAX, or less when the test hook
+// PRONG_EXT_DEBUG_BATCH_MAX_ELEMENTS=k sets it (so that small batches are split in chunks the way
+// batches past 2^31 elements are).
+inline int64_t batch_max_elements() {
+  constexpr int64_t kInt32Max = 2147483647;
+  const char* spec = std::getenv("PRONG_EXT_DEBUG_BATCH_MAX_ELEMENTS");
+  if (spec == nullptr || spec[0] == '\0') return kInt32Max;
+  int64_t value = -1;
+  try {
+    value = std::stoll(spec);
+  } catch (const std::exception&) {
+  }
+  TORCH_CHECK(value > 0, "PRONG_EXT_DEBUG_BATCH_MAX_ELEMENTS='", spec, "': expected a positive integer");
+  return std::min(value, kInt32Max);
 }
 
 // CPU kernels (eigh_cpu.cpp).

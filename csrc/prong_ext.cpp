@@ -42,11 +42,32 @@ static PyObject* cusolver_info(PyObject*, PyObject*) {
 #endif
 }
 
+// batch_chunk(n, batch, max_elements=-1): matrices per batched cuSOLVER call (eigh_common.h);
+// max_elements < 0 takes the limit in use (INT32_MAX, or the test hook's).
+static PyObject* batch_chunk(PyObject*, PyObject* args) {
+  long long n = 0, batch = 0, max_elements = -1;
+  if (!PyArg_ParseTuple(args, "LL|L", &n, &batch, &max_elements)) return nullptr;
+  try {
+    const int64_t limit = max_elements < 0 ? prong_ext::batch_max_elements() : max_elements;
+    return PyLong_FromLongLong(prong_ext::batch_chunk(n, batch, limit));
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+}
+
 static PyMethodDef methods[] = {
     {"cuda_built", cuda_built, METH_NOARGS, "True when the extension was compiled with CUDA kernels."},
     {"cusolver_info", cusolver_info, METH_NOARGS,
      "(cuSOLVER version at build time, at run time, cusolverDnXsyevBatched usable), or None "
      "without CUDA. Versions read major*1000 + minor*100 + patch."},
+    {"batch_chunk", batch_chunk, METH_VARARGS,
+     "batch_chunk(n, batch, max_elements=-1): matrices of size n per batched cuSOLVER call, so "
+     "that n * n * count <= max_elements (INT32_MAX, or PRONG_EXT_DEBUG_BATCH_MAX_ELEMENTS, when "
+     "negative); 0 when one matrix is larger."},
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "prong_ext compiled ops", -1, methods};

@@ -4,6 +4,9 @@
   path and says so once, backend='extension' raises naming the problem and the rebuild command.
   Tested here by making ops' device test (`ops._is_cuda`) report CPU tensors as CUDA ones, with
   `_extension.cuda_built` set either way, so the CPU `_C` stands in for both builds.
+- Batched cuSOLVER calls address their batch with 32-bit ints: `_C.batch_chunk` (the pure
+  function csrc/cuda/eigh_cuda.cpp splits batches with) keeps n * n * count <= INT32_MAX; on a GPU
+  a lowered limit (the test hook PRONG_EXT_DEBUG_BATCH_MAX_ELEMENTS) splits small batches.
 The tests marked `cuda` run the same paths on a GPU.
 """
 
@@ -158,3 +161,69 @@ def test_cuda_tensors_take_a_path_with_kernels():
     else:
         with pytest.raises(RuntimeError, match="built without CUDA"):
             ops.whitening(covs, 1e-2, backend="extension")
+
+
+# ---- batched cuSOLVER calls in chunks ---------------------------------------------------------
+
+INT32_MAX = 2**31 - 1
+needs_batch_chunk = pytest.mark.skipif(
+    not hasattr(_extension._C, "batch_chunk"), reason="prong_ext._C is not built, or built before batch_chunk"
+)
+
+
+@needs_batch_chunk
+def test_batch_chunk_keeps_every_call_within_int32(monkeypatch):
+    """Matrices per batched cuSOLVER call: n * n * count <= INT32_MAX, as many as that allows."""
+    monkeypatch.delenv("PRONG_EXT_DEBUG_BATCH_MAX_ELEMENTS", raising=False)
+    chunk = _extension._C.batch_chunk
+    for n in (2, 32, 33, 100, 1000, 46340):
+        count = chunk(n, 10**12)
+        assert count * n * n <= INT32_MAX < (count + 1) * n * n, n
+        assert chunk(n, 10**12) == chunk(n, 10**12, INT32_MAX)
+        assert chunk(n, count - 1) == count - 1 and chunk(n, 0) == 0
+    assert chunk(33, 10**7) == 1971977  # a depthwise-like batch of 10^7 33 x 33 blocks: 6 calls
+    assert chunk(0, 5) == 5
+    assert chunk(46341, 1) == 0  # one matrix alone passes 2^31 elements
+    assert chunk(10, 100, 350) == 3 and chunk(10, 100, 99) == 0
+    with pytest.raises(ValueError, match="non-negative"):
+        chunk(-1, 3)
+
+
+@needs_batch_chunk
+def test_batch_chunk_test_hook(monkeypatch):
+    monkeypatch.setenv("PRONG_EXT_DEBUG_BATCH_MAX_ELEMENTS", str(4 * 33 * 33 + 5))
+    assert _extension._C.batch_chunk(33, 10) == 4
+    assert _extension._C.batch_chunk(33, 10, INT32_MAX) == 10  # an explicit limit wins
+    monkeypatch.setenv("PRONG_EXT_DEBUG_BATCH_MAX_ELEMENTS", "many")
+    with pytest.raises(ValueError, match="expected a positive integer"):
+        _extension._C.batch_chunk(33, 10)
+
+
+def _sym_batch(n, count, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(count, n, n, dtype=torch.float64, generator=g)
+    return list(((a + a.mT) / 2).to(dtype))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _extension.cuda_built(), reason="prong_ext._C built without CUDA")
+@pytest.mark.parametrize("batched_syev", [True, False], ids=["xsyev_batched", "syevd"])
+def test_cuda_batched_solvers_in_chunks(monkeypatch, batched_syev):
+    """The limit lowered to 3 * 33 * 33 elements: 60 8 x 8 matrices go in two syevjBatched calls
+    (51 + 9), 10 33 x 33 ones in four XsyevBatched calls (3 + 3 + 3 + 1) and 5 40 x 40 float64
+    ones in three (2 + 2 + 1), each chunk size with its own buffer query."""
+    monkeypatch.setenv("PRONG_EXT_DEBUG_BATCH_MAX_ELEMENTS", str(3 * 33 * 33))
+    if not batched_syev:
+        monkeypatch.setenv("PRONG_EXT_NO_XSYEV_BATCHED", "1")
+    assert _extension._C.batch_chunk(8, 60) == 51 and _extension._C.batch_chunk(33, 10) == 3
+    mats = _sym_batch(8, 60, torch.float32, 1) + _sym_batch(33, 10, torch.float32, 2)
+    mats += _sym_batch(40, 5, torch.float64, 3)
+    values, vectors = _extension.batched_eigh([m.cuda() for m in mats])
+    for i, (a, w, q) in enumerate(zip(mats, values, vectors)):
+        a64, w64, q64 = a.double(), w.cpu().double(), q.cpu().double()
+        n = a.shape[0]
+        tol = 32 * torch.finfo(a.dtype).eps * n**0.5 * torch.linalg.matrix_norm(a64, 2).item()
+        assert (w64 - torch.linalg.eigvalsh(a64)).abs().max().item() <= tol, i
+        assert ((q64 * w64) @ q64.mT - a64).abs().max().item() <= tol, i
+        eye = torch.eye(n, dtype=torch.float64)
+        assert (q64.mT @ q64 - eye).abs().max().item() <= 32 * torch.finfo(a.dtype).eps * n**0.5, i

@@ -1,7 +1,8 @@
 // CUDA kernels of prong_ext::batched_eigh and prong_ext::whitening (contract: eigh_common.h).
 //
 // The matrices are grouped by (size, dtype) and stacked, one buffer per group; each group is one
-// batched cuSOLVER call on the current stream with torch's cuSOLVER handle:
+// batched cuSOLVER call on the current stream with torch's cuSOLVER handle (one per chunk of
+// batch_chunk matrices where n * n * batch would pass INT32_MAX, cuSOLVER's batch addressing):
 //   n <= 32: cusolverDn{S,D}syevjBatched (Jacobi)
 //   n >  32: cusolverDnXsyevBatched when the cuSOLVER headers and the loaded library have it,
 //            else one cusolverDn{S,D}syevd per matrix, spread over a few side streams.
@@ -99,7 +100,7 @@ struct Group {
   at::Tensor info;           // (B,) int32 cuSOLVER infos
   // Kept alive until the infos have been read (the stream has then finished with them).
   std::vector<at::Tensor> workspaces;
-  std::vector<char> host_workspace;
+  std::vector<std::vector<char>> host_workspaces;  // one per batched call
   std::shared_ptr<void> params;
 };
 
@@ -148,70 +149,106 @@ void check_finite(const std::vector<Group>& groups, const char* op, const char* 
 
 // ---- cuSOLVER calls -------------------------------------------------------------------------
 
+// The batch goes in chunks of batch_chunk matrices (cuSOLVER's 32-bit batch addressing), one
+// buffer query per chunk size; the calls run in order on one stream, so they share a workspace.
 template <typename T>
 void syevj_batched(cusolverDnHandle_t handle, Group& g) {
   const int n = static_cast<int>(g.n);
-  const int batch = static_cast<int>(g.a.size(0));
+  const int64_t batch = g.a.size(0);
+  const int64_t chunk = batch_chunk(g.n, batch, batch_max_elements());
+  TORCH_CHECK(chunk > 0, "prong_ext: a ", g.n, " x ", g.n, " matrix is too large for syevjBatched");
   syevjInfo_t params = nullptr;
   PRONG_CUSOLVER_CHECK(cusolverDnCreateSyevjInfo(&params));
   g.params = std::shared_ptr<void>(params, [](void* p) {
     cusolverDnDestroySyevjInfo(static_cast<syevjInfo_t>(p));
   });
   // Defaults: tolerance = machine epsilon, 100 sweeps, eigenvalues sorted ascending.
-  T* a = g.a.data_ptr<T>();
-  T* w = g.w.data_ptr<T>();
-  int* info = g.info.data_ptr<int>();
   int lwork = 0;
-  if constexpr (std::is_same_v<T, float>) {
-    PRONG_CUSOLVER_CHECK(
-        cusolverDnSsyevjBatched_bufferSize(handle, kJobz, kUplo, n, a, n, w, &lwork, params, batch));
-  } else {
-    PRONG_CUSOLVER_CHECK(
-        cusolverDnDsyevjBatched_bufferSize(handle, kJobz, kUplo, n, a, n, w, &lwork, params, batch));
-  }
-  at::Tensor work = at::empty({std::max(lwork, 1)}, g.a.options());
-  g.workspaces.push_back(work);
-  if constexpr (std::is_same_v<T, float>) {
-    PRONG_CUSOLVER_CHECK(cusolverDnSsyevjBatched(handle, kJobz, kUplo, n, a, n, w,
-                                                 work.data_ptr<T>(), lwork, info, params, batch));
-  } else {
-    PRONG_CUSOLVER_CHECK(cusolverDnDsyevjBatched(handle, kJobz, kUplo, n, a, n, w,
-                                                 work.data_ptr<T>(), lwork, info, params, batch));
+  int64_t queried = 0;  // the chunk size lwork was queried for
+  at::Tensor work;
+  for (int64_t first = 0; first < batch; first += chunk) {
+    const int count = static_cast<int>(std::min(chunk, batch - first));
+    T* a = g.a.data_ptr<T>() + first * g.n * g.n;
+    T* w = g.w.data_ptr<T>() + first * g.n;
+    int* info = g.info.data_ptr<int>() + first;
+    if (count != queried) {
+      if constexpr (std::is_same_v<T, float>) {
+        PRONG_CUSOLVER_CHECK(cusolverDnSsyevjBatched_bufferSize(handle, kJobz, kUplo, n, a, n, w,
+                                                                &lwork, params, count));
+      } else {
+        PRONG_CUSOLVER_CHECK(cusolverDnDsyevjBatched_bufferSize(handle, kJobz, kUplo, n, a, n, w,
+                                                                &lwork, params, count));
+      }
+      queried = count;
+      if (!work.defined() || work.numel() < lwork) {
+        work = at::empty({std::max(lwork, 1)}, g.a.options());
+        g.workspaces.push_back(work);
+      }
+    }
+    if constexpr (std::is_same_v<T, float>) {
+      PRONG_CUSOLVER_CHECK(cusolverDnSsyevjBatched(handle, kJobz, kUplo, n, a, n, w,
+                                                   work.data_ptr<T>(), lwork, info, params, count));
+    } else {
+      PRONG_CUSOLVER_CHECK(cusolverDnDsyevjBatched(handle, kJobz, kUplo, n, a, n, w,
+                                                   work.data_ptr<T>(), lwork, info, params, count));
+    }
   }
 }
 
 #if PRONG_EXT_HAS_XSYEV_BATCHED
-// Returns false (nothing launched) when cuSOLVER declines the problem in its buffer query
-// (a size or type limit of this cuSOLVER version): the caller then takes the syevd path.
-bool xsyev_batched(cusolverDnHandle_t handle, Group& g) {
+// Launches the batch in chunks of batch_chunk matrices (cuSOLVER's 32-bit batch addressing),
+// one buffer query per chunk size, and returns how many matrices it launched from the first:
+// fewer than the batch (none, usually) when cuSOLVER declines a chunk in its buffer query (a
+// size or type limit of this cuSOLVER version); the caller takes the syevd path for the rest.
+int64_t xsyev_batched(cusolverDnHandle_t handle, Group& g) {
   const cudaDataType type = g.dtype == at::kFloat ? CUDA_R_32F : CUDA_R_64F;
   const int64_t n = g.n;
   const int64_t batch = g.a.size(0);
+  const int64_t chunk = batch_chunk(n, batch, batch_max_elements());
+  if (chunk == 0) {
+    TORCH_WARN_ONCE("prong_ext: a ", n, " x ", n, " matrix is too large for cusolverDnXsyevBatched; "
+                    "using one syevd per matrix instead");
+    return 0;
+  }
   cusolverDnParams_t params = nullptr;
   PRONG_CUSOLVER_CHECK(cusolverDnCreateParams(&params));
   g.params = std::shared_ptr<void>(params, [](void* p) {
     cusolverDnDestroyParams(static_cast<cusolverDnParams_t>(p));
   });
-  void* a = g.a.data_ptr();
-  void* w = g.w.data_ptr();
+  const int64_t item = static_cast<int64_t>(g.a.element_size());
+  char* const a0 = static_cast<char*>(g.a.data_ptr());
+  char* const w0 = static_cast<char*>(g.w.data_ptr());
   size_t device_bytes = 0, host_bytes = 0;
-  const cusolverStatus_t query = cusolverDnXsyevBatched_bufferSize(
-      handle, params, kJobz, kUplo, n, type, a, n, type, w, type, &device_bytes, &host_bytes, batch);
-  if (query == CUSOLVER_STATUS_INVALID_VALUE || query == CUSOLVER_STATUS_NOT_SUPPORTED) {
-    TORCH_WARN_ONCE("prong_ext: cusolverDnXsyevBatched declined n=", n, ", batch=", batch, " (",
-                    cusolver_status_name(query), "); using one syevd per matrix instead");
-    return false;
+  int64_t queried = 0;  // the chunk size the buffers were queried for
+  at::Tensor work;
+  for (int64_t first = 0; first < batch; first += chunk) {
+    const int64_t count = std::min(chunk, batch - first);
+    void* a = a0 + first * n * n * item;
+    void* w = w0 + first * n * item;
+    if (count != queried) {
+      const cusolverStatus_t query = cusolverDnXsyevBatched_bufferSize(
+          handle, params, kJobz, kUplo, n, type, a, n, type, w, type, &device_bytes, &host_bytes,
+          count);
+      if (query == CUSOLVER_STATUS_INVALID_VALUE || query == CUSOLVER_STATUS_NOT_SUPPORTED) {
+        TORCH_WARN_ONCE("prong_ext: cusolverDnXsyevBatched declined n=", n, ", batch=", count,
+                        " (", cusolver_status_name(query), "); using one syevd per matrix instead");
+        return first;
+      }
+      PRONG_CUSOLVER_CHECK(query);
+      queried = count;
+      if (!work.defined() || static_cast<size_t>(work.numel()) < device_bytes) {
+        work = at::empty({static_cast<int64_t>(std::max<size_t>(device_bytes, 1))},
+                         g.a.options().dtype(at::kByte));
+        g.workspaces.push_back(work);
+      }
+    }
+    g.host_workspaces.emplace_back(std::max<size_t>(host_bytes, 1));
+    PRONG_CUSOLVER_CHECK(cusolverDnXsyevBatched(handle, params, kJobz, kUplo, n, type, a, n, type, w,
+                                                type, work.data_ptr(), device_bytes,
+                                                g.host_workspaces.back().data(), host_bytes,
+                                                g.info.data_ptr<int>() + first, count));
   }
-  PRONG_CUSOLVER_CHECK(query);
-  at::Tensor work = at::empty({static_cast<int64_t>(std::max<size_t>(device_bytes, 1))},
-                              g.a.options().dtype(at::kByte));
-  g.workspaces.push_back(work);
-  g.host_workspace.resize(std::max<size_t>(host_bytes, 1));
-  PRONG_CUSOLVER_CHECK(cusolverDnXsyevBatched(handle, params, kJobz, kUplo, n, type, a, n, type, w,
-                                              type, work.data_ptr(), device_bytes,
-                                              g.host_workspace.data(), host_bytes,
-                                              g.info.data_ptr<int>(), batch));
-  return true;
+  return batch;
 }
 #endif
 
@@ -237,9 +274,9 @@ std::vector<SideLane>& side_lanes(c10::DeviceIndex device) {  // caller holds si
 }
 
 // Fallback for n > 32 without cusolverDnXsyevBatched: one syevd per matrix on side streams,
-// ordered after the current stream's work and joined back into it.
+// ordered after the current stream's work and joined back into it; matrices first.. of the group.
 template <typename T>
-void syevd_per_matrix(Group& g) {
+void syevd_per_matrix(Group& g, int64_t first) {
   const int n = static_cast<int>(g.n);
   const int64_t batch = g.a.size(0);
   const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream();
@@ -256,15 +293,16 @@ void syevd_per_matrix(Group& g) {
   } else {
     PRONG_CUSOLVER_CHECK(cusolverDnDsyevd_bufferSize(lanes[0].handle, kJobz, kUplo, n, a, n, w, &lwork));
   }
-  const int64_t used = std::min<int64_t>(batch, kSideLanes);
+  const int64_t used = std::min<int64_t>(batch - first, kSideLanes);
   for (int64_t l = 0; l < used; ++l) {
     ready.block(lanes[l].stream);
     // Allocated on the current stream, which waits for the lane below before it can be reused.
     g.workspaces.push_back(at::empty({std::max(lwork, 1)}, g.a.options()));
   }
-  for (int64_t b = 0; b < batch; ++b) {
-    const SideLane& lane = lanes[b % kSideLanes];
-    T* work = g.workspaces[g.workspaces.size() - used + b % kSideLanes].template data_ptr<T>();
+  for (int64_t b = first; b < batch; ++b) {
+    const int64_t l = (b - first) % kSideLanes;
+    const SideLane& lane = lanes[l];
+    T* work = g.workspaces[g.workspaces.size() - used + l].template data_ptr<T>();
     if constexpr (std::is_same_v<T, float>) {
       PRONG_CUSOLVER_CHECK(cusolverDnSsyevd(lane.handle, kJobz, kUplo, n, a + b * n * n, n,
                                             w + b * n, work, lwork, info + b));
@@ -290,9 +328,8 @@ std::vector<int> run_groups(std::vector<Group>& groups) {
   std::vector<at::Tensor> infos;
   for (Group& g : groups) {
     const int64_t batch = g.a.size(0);
-    TORCH_CHECK(batch <= INT_MAX && g.n <= INT_MAX / std::max<int64_t>(g.n, 1),
-                "prong_ext: a group of ", batch, " matrices of size ", g.n,
-                " is too large for cuSOLVER's 32-bit sizes");
+    TORCH_CHECK(g.n <= INT_MAX / std::max<int64_t>(g.n, 1), "prong_ext: matrices of size ", g.n,
+                " are too large for cuSOLVER's 32-bit sizes");
     g.w = at::empty({batch, g.n}, g.a.options());
     g.info = at::empty({batch}, g.a.options().dtype(at::kInt));
     if (g.n <= 1) {  // nothing to solve: w = a, Q = [1]
@@ -302,12 +339,12 @@ std::vector<int> run_groups(std::vector<Group>& groups) {
     } else if (g.n <= kSyevjMaxN) {
       g.dtype == at::kFloat ? syevj_batched<float>(handle, g) : syevj_batched<double>(handle, g);
     } else {
-      bool done = false;
+      int64_t done = 0;  // matrices launched by the batched solver
 #if PRONG_EXT_HAS_XSYEV_BATCHED
-      done = batched_syev && xsyev_batched(handle, g);
+      if (batched_syev) done = xsyev_batched(handle, g);
 #endif
-      if (!done) {
-        g.dtype == at::kFloat ? syevd_per_matrix<float>(g) : syevd_per_matrix<double>(g);
+      if (done < batch) {
+        g.dtype == at::kFloat ? syevd_per_matrix<float>(g, done) : syevd_per_matrix<double>(g, done);
       }
     }
     infos.push_back(g.info);
