@@ -411,9 +411,11 @@ def test_compiled_model_trains_like_eager_and_compiles_once(name):
     # on their number; the hooks do nothing inside a graph) and reused both since.
     assert prong.num_reparametrizations == eager_prong.num_reparametrizations == 4
     assert frames == 2
-    torch.testing.assert_close(losses, eager_losses, rtol=1e-5, atol=1e-7)
+    # Bitwise: aot_eager runs eager's own ATen kernels on the same tensors, and Prong's
+    # statistics and re-whitenings run eagerly in both, so the two runs round alike throughout.
+    torch.testing.assert_close(losses, eager_losses, rtol=0, atol=0)
     for (n, got), want in zip(model.state_dict().items(), eager.state_dict().values()):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=n)
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=n)
 
 
 def test_compiled_forward_passes_do_not_feed_the_statistics():
