@@ -144,8 +144,10 @@ class CovarianceAccumulator:
     Each batch is shifted by an estimate of its mean before its outer products are summed, the
     shift is removed exactly, and batches are merged exactly, so data with a large mean and a
     small spread keeps its relative accuracy. Running totals are kept in float64. On the Triton
-    path (CUDA, float32 products, groups == 1) one kernel launch per batch accumulates into
-    float32 sums shifted by the first sample. Under torch.autocast the products still run in
+    path (CUDA, float32 products, groups == 1) one kernel launch per batch sums its rows less a
+    float32 shift (the running mean; the first sample for the first batch) in float32, and the
+    sums join float64 totals, merged exactly as on the torch path: however many batches, the
+    rounding is that of one batch's float32 sums. Under torch.autocast the products still run in
     `dtype` (autocast is turned off inside).
 
     With groups G > 1 only the G diagonal (k, k) blocks (k = C / G) of the covariance are
@@ -217,22 +219,34 @@ class CovarianceAccumulator:
             self._merge(n, mean, m2)
 
     def _update_triton(self, x: torch.Tensor) -> None:
+        """One kernel launch sums the batch's rows less a float32 shift, in float32 from zero;
+        the sums join float64 totals about the same shift (an exact merge). The shift is the
+        running mean rounded to float32 (the first sample for the first batch): before a batch
+        the totals move to it (Chan's delta delta^T term), so the rounding is that of one batch's
+        float32 sums of small centred terms, whatever the number of batches."""
         if x.dim() == 3:  # (N, C, L): the kernel reads (M, C) and (N, C, H, W)
             x = x.unsqueeze(-1)
         elif x.dim() > 4:
             x = x.flatten(3)
+        c = self.num_features
         if self._triton_state is None:
-            c = self.num_features
-            self._triton_state = (
-                reference._rows(x[:1])[0].float(),  # the shift: the first sample
-                torch.zeros(c, device=x.device, dtype=torch.float32),
-                torch.zeros(c, c, device=x.device, dtype=torch.float32),
-            )
-        _triton_ops().cov_accumulate(x, *self._triton_state)
-        self.count += x.numel() // self.num_features
+            f64 = {"device": x.device, "dtype": torch.float64}
+            first = reference._rows(x[:1])[0].float()
+            shift, s1, s2 = first, torch.zeros(c, **f64), torch.zeros(c, c, **f64)
+        else:  # about shift + delta: s1 - n delta and s2 - s1 delta^T - delta s1^T + n delta delta^T
+            old, s1, s2 = self._triton_state
+            shift = (old.double() + s1 / self.count).float()
+            delta = shift.double() - old.double()
+            s2 = s2 - torch.outer(s1, delta) - torch.outer(delta, s1) + self.count * torch.outer(delta, delta)
+            s1 = s1 - self.count * delta
+        b1 = torch.zeros(c, device=x.device, dtype=torch.float32)
+        b2 = torch.zeros(c, c, device=x.device, dtype=torch.float32)
+        _triton_ops().cov_accumulate(x, shift, b1, b2)
+        self._triton_state = (shift, s1 + b1.double(), s2 + b2.double())
+        self.count += x.numel() // c
 
     def _settle_triton(self) -> None:
-        """Turns the Triton path's shifted float32 sums into the torch path's float64 mean and m2."""
+        """Turns the Triton path's shifted float64 sums into the torch path's mean and m2."""
         shift, s1, s2 = (t.double() for t in self._triton_state)
         offset = s1 / self.count
         self.mean, self.m2 = shift + offset, s2 - self.count * torch.outer(offset, offset)
@@ -266,7 +280,8 @@ class CovarianceAccumulator:
 
         Keys: num_features, groups, count and, on the torch path, mean (C,) and m2 (the float64
         centred sums, (C, C) or (G, k, k); None before the first sample), on the Triton path
-        shift (C,), s1 (C,) and s2 (C, C), its float32 shifted sums.
+        shift (C,) float32 (the last batch's shift), s1 (C,) and s2 (C, C), the float64 sums of
+        (x - shift) and (x - shift)(x - shift)^T over every sample.
         """
         state = {"num_features": self.num_features, "groups": self.groups, "count": self.count}
         if self._triton_state is not None:
@@ -309,9 +324,10 @@ class CovarianceAccumulator:
         if device is not None:
             tensors = [None if t is None else t.to(device) for t in tensors]
         self.count = count
-        if "s1" in state:
+        if "s1" in state:  # float32 sums in states written before the sums were float64
             self.mean = self.m2 = None
-            self._triton_state = tuple(tensors) if count else None
+            shift, s1, s2 = tensors
+            self._triton_state = (shift.float(), s1.double(), s2.double()) if count else None
         else:
             self._triton_state = None
             self.mean, self.m2 = tensors if count else (None, None)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from helpers import unit_roundoff
 from prong_ext import _triton_ops as ops
+from prong_ext import ops as prong_ops
 from prong_ext.triton_kernels import covariance as cov_module
 from prong_ext.triton_kernels.covariance import (
     _cov_accum_kernel,
@@ -331,6 +332,74 @@ def test_cov_accumulate_streaming_equals_one_pass(device, layout):
     assert_within(mean, mean1, 2 * mean_bound)
     assert_within(cov, want, cov_bound)
     assert_within(mean, whole.double().mean(0), mean_bound + F32_U * whole.double().mean(0).abs())
+
+
+def window_batches(num_batches, rows, first_off):
+    """A long window: `num_batches` float32 batches of `rows` rows, 3 features with means of 1e3
+    to 2e3 and unit spread; the window's first sample `first_off` standard deviations off the
+    mean (as a first sample may be)."""
+    g = torch.Generator().manual_seed(5)
+    mu = torch.tensor([1e3, -5e2, 2e3], dtype=torch.float64)
+    batches = [
+        (mu + torch.randn(rows, 3, dtype=torch.float64, generator=g)).float() for _ in range(num_batches)
+    ]
+    batches[0][0] = (mu + first_off).float()
+    return batches
+
+
+def window_bounds(batches, shifts, mean):
+    """Elementwise bounds of the mean's and the covariance's errors when every batch's shifted sums
+    are taken in float32 from zero (about its shift S_b) and merged in float64.
+
+    With the sums about the true mean mu, a batch's errors e1 (in s1) and E2 (in s2) move the
+    centred sums by E2 + e1 d^T + d e1^T, d = S_b - mu, and the mean by e1 / n; by
+    shifted_sums_bound |e1| <= g sum |y|, |E2| <= g sum |y| |y|^T with y = x - S_b and
+    g = gamma_(rows_b + 2) x 2: one batch's rounding, not the window's. With a = |y| + |d|:
+    cov error <= sum_b g_b sum a a^T / n + e e^T / n^2, mean error <= e / n, e = sum_b g_b sum |y|.
+    The float64 steps (merge, moves of the shift, finalize) add a few roundings per batch of terms
+    no larger than (|x - mu| + 3 max |d|)^2: the last term, far below the others.
+    """
+    cov_bound, e = 0.0, 0.0
+    far = max((sh.double() - mean).abs().max().item() for sh in shifts)
+    f64 = 0.0
+    for b, sh in zip(batches, shifts):
+        y = (b.double() - sh.double()).abs()
+        a = y + (sh.double() - mean).abs()
+        g = 2 * (b.shape[0] + 2) * F32_U
+        cov_bound, e = cov_bound + g * (a.T @ a), e + g * y.sum(0)
+        z = (b.double() - mean).abs() + 3 * far
+        f64 = f64 + z.T @ z
+    n = sum(b.shape[0] for b in batches)
+    slack = 16 * (len(batches) + 2) * unit_roundoff(torch.float64)
+    mean_slack = slack * (mean.abs() + 3 * far)
+    return e / n + mean_slack, cov_bound / n + torch.outer(e, e) / n**2 + slack * f64 / n
+
+
+def test_accumulator_window_keeps_one_batch_accuracy(device):
+    """256 batches of 8 rows through the Triton accumulator: within the bound of one batch's float32
+    sums. The scheme that kept float32 sums over the whole window, shifted by its first sample,
+    is off by several times that bound on the same data (its error grows with the window)."""
+    batches = window_batches(256, 8, first_off=4.0)
+    x = torch.cat(batches).double()
+    want_mean, want_cov = x.mean(0), torch.cov(x.T, correction=0)
+    acc = prong_ops.CovarianceAccumulator(3, backend="triton")
+    shifts = []
+    for b in batches:
+        acc.update(b.to(device))
+        shifts.append(acc.state_dict()["shift"].cpu())  # the shift this batch was summed about
+    mean, cov, count = acc.compute()
+    assert count == x.shape[0]
+    mean_bound, cov_bound = window_bounds(batches, shifts, want_mean)
+    assert_within(mean.cpu(), want_mean, mean_bound)
+    assert_within(cov.cpu(), want_cov, cov_bound)
+    # the earlier scheme, float32 sums of the whole window about the first sample
+    shift, s1, s2 = batches[0][0], torch.zeros(3), torch.zeros(3, 3)
+    for b in batches:
+        y = b - shift
+        s1, s2 = s1 + y.sum(0), s2 + y.T @ y
+    m1 = s1.double() / count
+    window_cov = s2.double() / count - torch.outer(m1, m1)
+    assert ((window_cov - want_cov).abs() / cov_bound).max() > 3
 
 
 def test_cov_accumulate_without_rows_is_a_no_op(device):
