@@ -18,10 +18,13 @@ import bench_whitened  # noqa: E402
 import bench_whitening  # noqa: E402
 import naive  # noqa: E402
 import run  # noqa: E402
+from common import spd_covariances  # noqa: E402
 
 import prong_ext  # noqa: E402
+from helpers import RoundingBound, assert_within, cond, gamma, unit_roundoff  # noqa: E402
 
 DEVICE = "cpu"
+F64_U = unit_roundoff(torch.float64)
 
 
 def _outputs(module, case_type=None):
@@ -35,35 +38,91 @@ def _outputs(module, case_type=None):
 def test_covariance_cases_agree():
     groups = _outputs(bench_covariance)
     assert groups
-    for impls in groups.values():
+    for case in bench_covariance.cases("tiny", DEVICE):
+        if case.impl != "naive":
+            continue
+        impls = groups[case.group]
+        x = bench_covariance.make_input(case, DEVICE)  # what the runners read (seeded)
+        rows = x.movedim(1, -1).reshape(-1, case.c).double()
+        y = (rows - rows.mean(0)).abs()
+        # float32 sums of the M rows, one rounding each for the centring, the division and ops'
+        # removal of its shift: each within gamma_(M + 3) of the sizes of their terms, so any
+        # two within twice it
+        g = 2 * gamma(len(rows) + 3)
         m1, c1, n1 = impls["naive"]
         for impl in ("prong", "torch.cov"):
             m2, c2, n2 = impls[impl]
             assert n1 == n2
-            torch.testing.assert_close(m2.double(), m1.double(), atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(c2.double(), c1.double(), atol=1e-5, rtol=1e-5)
+            assert_within(m2, m1, g * rows.abs().mean(0), f"{case.group} {impl} mean")
+            assert_within(c2, c1, g * (y.T @ y) / len(rows), f"{case.group} {impl} covariance")
+
+
+def _layer(case, t):
+    """The whitened layer the runners compute, for its rounding bound."""
+    if case.kind == "linear":
+        layer = prong_ext.WhitenedLinear(case.c, case.c)
+    else:
+        layer = prong_ext.WhitenedConv2d(case.c, case.c, case.k, padding=case.k // 2)
+    with torch.no_grad():
+        for name in ("V", "d", "U", "c"):
+            getattr(layer, name).copy_(t[name])
+    return layer
 
 
 def test_whitened_cases_agree():
     groups = _outputs(bench_whitened)
     assert any("conv" in g for g in groups) and any("linear" in g for g in groups)
-    for impls in groups.values():
-        outs = [impls[i][0] for i in ("plain", "naive", "prong")]
-        for o in outs[1:]:
-            torch.testing.assert_close(o, outs[0], atol=1e-4, rtol=1e-4)
+    for case in bench_whitened.cases("tiny", DEVICE):
+        if case.impl != "plain":
+            continue
+        impls = groups[case.group]
+        t = bench_whitened.make_inputs(case, DEVICE)  # what the runners read (seeded)
+        out = impls["plain"][0]
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        # three float32 computations of one layer, each within the running bound of its
+        # rounding (the plain one's W, b are a float32 fold: the same chain), so pairwise twice it
+        bound = RoundingBound([_layer(case, t)], t["x"])
+        grads = list(bound.backward(grad_out.double(), torch.zeros_like(out, dtype=torch.float64)).values())
+        for impl in ("naive", "prong"):
+            assert_within(impls[impl][0], out, 2 * bound.err, f"{case.group} {impl} output")
         # same input gradient; V and d gradients of naive and prong agree
-        torch.testing.assert_close(impls["prong"][1][0], impls["plain"][1][0], atol=1e-4, rtol=1e-4)
-        for gn, gp in zip(impls["naive"][1], impls["prong"][1]):
-            torch.testing.assert_close(gp, gn, atol=1e-4, rtol=1e-4)
+        g_x = 2 * bound.input_grad[1]
+        assert_within(impls["prong"][1][0], impls["plain"][1][0], g_x, f"{case.group} input gradient")
+        bounds = [g_x] + [2 * b for _, b in grads]
+        for gn, gp, b, what in zip(impls["naive"][1], impls["prong"][1], bounds, ("x", "V", "d")):
+            assert_within(gp, gn, b, f"{case.group} gradient of {what}")
 
 
 def test_whitening_cases_agree():
     groups = _outputs(bench_whitening)
     assert len(groups) == 2
-    for impls in groups.values():
-        for a, b in zip(impls["naive"][0], impls["prong"][0]):
-            # PCA whitening is unique up to the sign of every row
-            torch.testing.assert_close(a.abs(), b.abs(), atol=1e-6, rtol=1e-6)
+    for case in bench_whitening.cases("tiny", DEVICE):
+        if case.impl != "naive":
+            continue
+        impls = groups[case.group]
+        covs = spd_covariances(list(case.sizes), torch.float64, DEVICE)  # what the runners read
+        for s, a, b in zip(covs, impls["naive"][0], impls["prong"][0]):
+            # PCA whitening is unique up to the sign of every row (the spectra are simple)
+            bound = _pca_row_bounds(s, bench_whitening.EPS, _eigh_backward_error(s))
+            assert_within(a.abs(), b.abs(), bound[:, None], f"{case.group} n={len(s)}")
+
+
+def _eigh_backward_error(s):
+    """2-norm bound on the backward error of a float64 eigensolver on s: 32 eps sqrt(n) ||s||,
+    the bound test_extension checks LAPACK and cuSOLVER against."""
+    return 64 * F64_U * len(s) ** 0.5 * torch.linalg.matrix_norm(s, 2).item()
+
+
+def _pca_row_bounds(sigma, eps, err):
+    """Bounds on | |U_a| - |U_b| |, row by row, for two float64 PCA whitenings
+    U = diag(lam + eps)^-1/2 Q^T of matrices within err (2-norm) of sigma: on each side the
+    row's eigenvector turns by at most err / gap (Davis-Kahan, to first order; gap is its
+    eigenvalue's distance to the others) and its scale (lam + eps)^-1/2 moves by at most
+    err / (2 (lam + eps)) of itself; 2u more for the product. A repeated eigenvalue (gap 0)
+    leaves its rows unbounded: their basis is arbitrary."""
+    lam = torch.linalg.eigvalsh(sigma).clamp_min(0)
+    gap = (lam[:, None] - lam[None, :]).abs().fill_diagonal_(float("inf")).min(1).values
+    return 2 * (lam + eps).rsqrt() * (err / gap + err / (2 * (lam + eps)) + 2 * F64_U)
 
 
 def test_floors():
@@ -100,16 +159,39 @@ def test_naive_prong_matches_prong():
     m_naive = naive.whiten_naive(_copy(base))
     m_prong = prong_ext.whiten(_copy(base))
     before = base(x)
+    inputs = {m: h for m, h, *_ in RoundingBound(base, x, dtype=torch.float64).records}
     naive.NaiveProng(m_naive, num_samples=16).reparametrize(x)
     prong_ext.Prong(m_prong, num_samples=16).reparametrize(x)
-    torch.testing.assert_close(m_naive(x), before)
-    torch.testing.assert_close(m_prong(x), before)
-    for a, b in zip(
-        [m for m in m_naive.modules() if isinstance(m, naive._NaiveWhitened)],
-        [m for m in m_prong.modules() if isinstance(m, prong_ext.nn._Whitened)],
-    ):
-        torch.testing.assert_close(a.c, b.c)
-        torch.testing.assert_close(a.U.abs(), b.U.abs())
+    whitened = [m for m in m_prong.modules() if isinstance(m, prong_ext.nn._Whitened)]
+    # float64, before and after each within the running bound of its rounding, plus, after, the
+    # projection V = W U^-1 (in_features roundings, grown by U's condition)
+    extra = {m: int(m.V.shape[1] * cond(m.U)) + 2 for m in whitened}
+    bound = 2 * RoundingBound(m_prong, x, dtype=torch.float64, extra=extra).err
+    assert_within(m_naive(x), before, bound, "naive")
+    assert_within(m_prong(x), before, bound, "prong")
+    plain = [m for m in base.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    naive_layers = [m for m in m_naive.modules() if isinstance(m, naive._NaiveWhitened)]
+    for layer, a, b in zip(plain, naive_layers, whitened):
+        # the statistics: float64 sums over the layer's input rows (reference.covariance's and
+        # the accumulator's), each within gamma_(M + 2) of their terms
+        rows = inputs[layer].movedim(1, -1).reshape(-1, layer.weight.shape[1])
+        g = 2 * gamma(len(rows) + 2, torch.float64)
+        if layer.bias is not None:
+            assert_within(a.c, b.c, g * rows.abs().mean(0), "c")
+            rows = rows - rows.mean(0)
+        else:
+            assert torch.equal(a.c, b.c)  # zero: the second moment is whitened
+        sigma = rows.T @ rows / len(rows)
+        # sigma from either side is within n g ||sigma|| of this one, the eigensolver adds its own
+        err = _eigh_backward_error(sigma) + len(sigma) * g * torch.linalg.matrix_norm(sigma, 2).item()
+        bound = _pca_row_bounds(sigma, 1e-2, err)  # rows of a repeated eigenvalue: any basis
+        assert_within(a.U.abs(), b.U.abs(), bound[:, None], "U")
+        # U^T U = (sigma + eps)^-1, a function of sigma whatever the basis: within err grown by
+        # ||(sigma + eps)^-1||^2, plus the n-term products' rounding
+        low = torch.linalg.eigvalsh(sigma).clamp_min(0).min().item() + 1e-2
+        n = len(sigma)
+        inv_tol = 2 * (err / low**2 + (n + 2) * n * F64_U / low)
+        torch.testing.assert_close(a.U.T @ a.U, b.U.T @ b.U, rtol=0, atol=inv_tol)
 
 
 def _copy(model):
