@@ -403,8 +403,27 @@ def covariance(
 # Eigendecompositions and whitening
 
 
+def _all_finite(tensors: list[torch.Tensor]) -> list[bool]:
+    """Per tensor, whether all its entries are finite, with one device-to-host copy per device
+    (not one per tensor): the tensors of one shape, dtype and device are checked as one stack."""
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((tuple(t.shape), t.dtype, t.device), []).append(i)
+    per_device: dict[torch.device, tuple[list[int], list[torch.Tensor]]] = {}
+    for (_, _, device), idx in groups.items():
+        stacked = torch.stack([tensors[i] for i in idx])
+        order, flags = per_device.setdefault(device, ([], []))
+        order.extend(idx)
+        flags.append(torch.isfinite(stacked).reshape(len(idx), -1).all(1))
+    out = [True] * len(tensors)
+    for order, flags in per_device.values():
+        for i, ok in zip(order, torch.cat(flags).tolist()):
+            out[i] = ok
+    return out
+
+
 def _check_finite(mats: list[torch.Tensor], what: str) -> None:
-    bad = [i for i, m in enumerate(mats) if not bool(torch.isfinite(m).all())]
+    bad = [i for i, ok in enumerate(_all_finite(mats)) if not ok]
     if bad:
         raise ValueError(f"{what} {bad} hold NaN or Inf values")
 

@@ -462,7 +462,8 @@ class Prong:
                 f"no statistics for layer(s) {missing} (no input reached them); they keep their whitening",
                 stacklevel=3,
             )
-        bad = [n for n, m, s in zip(names, means, mats) if not (m.isfinite().all() and s.isfinite().all())]
+        finite = ops._all_finite(means + mats)  # one check of every layer's statistics
+        bad = [n for i, n in enumerate(names) if not (finite[i] and finite[len(names) + i])]
         if bad:
             raise ValueError(
                 f"non-finite input statistics (NaN or Inf in the inputs) of layer(s) {bad}; "
@@ -487,11 +488,9 @@ class Prong:
         start = time.perf_counter()
         # per layer: name, new {V, d, U, c}, old (U, c), U^-1
         updates = [(n, *self._project(self.layers[n], mean, u, u_inv), u_inv) for n, (u, u_inv, mean) in kept]
-        bad = [
-            n
-            for n, new, _, _ in updates
-            if not all(t.isfinite().all() for t in new.values() if t is not None)
-        ]
+        checked = [(n, t) for n, new, _, _ in updates for t in new.values() if t is not None]
+        finite = ops._all_finite([t for _, t in checked])  # one check of every new parameter
+        bad = list(dict.fromkeys(n for (n, _), ok in zip(checked, finite) if not ok))
         if bad:
             raise ValueError(
                 f"re-whitening gave non-finite parameters for layer(s) {bad}; no layer was changed"
@@ -544,8 +543,10 @@ class Prong:
             pairs = list(zip(*ops.whitening(blocks, self.eps, self.whitening)))
         except RuntimeError:  # torch.linalg.LinAlgError and the extension's errors
             pairs = [None] * len(blocks)
+        # one check of every block's U and U^-1
+        finite = iter(ops._all_finite([t for pair in pairs if pair is not None for t in pair]))
         for i, pair in enumerate(pairs):
-            if pair is None or not all(bool(t.isfinite().all()) for t in pair):
+            if pair is None or not all([next(finite) for _ in pair]):
                 pairs[i] = self._retry_eigh(blocks[i])
         out = []
         for (first, count), m in zip(spans, mats):
@@ -563,7 +564,7 @@ class Prong:
             (u,), (u_inv,) = ops.whitening([mat.double()], self.eps, self.whitening, backend="torch")
         except RuntimeError:
             return None
-        if not (bool(u.isfinite().all()) and bool(u_inv.isfinite().all())):
+        if not all(ops._all_finite([u, u_inv])):
             return None
         return u, u_inv
 
@@ -709,7 +710,7 @@ class Prong:
                 continue
             row_norms = self.layers[name].U.double().square().sum(-1).flatten()
             ratios[name] = (total / count + self.eps * row_norms).rsqrt()
-        bad = [n for n, s in ratios.items() if not bool(s.isfinite().all())]
+        bad = [n for n, ok in zip(ratios, ops._all_finite(list(ratios.values()))) if not ok]
         if bad:
             raise ValueError(
                 f"non-finite input statistics (NaN or Inf in the inputs) of layer(s) {bad} while "
