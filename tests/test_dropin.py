@@ -15,10 +15,8 @@ from torch import nn
 from torch.nn import functional as F
 
 import prong_ext
-from helpers import RoundingBound, assert_within, data, tol
-from prong_ext import Prong, WhitenedConv2d, WhitenedLinear
-
-F32 = tol(torch.float32, n=64)  # float32 state, sums of at most a few dozen terms
+from helpers import RoundingBound, assert_within, data, gamma
+from prong_ext import Prong, WhitenedConv2d, WhitenedLinear, ops
 
 
 def _randomize_whitening(layer, seed=3):
@@ -40,6 +38,20 @@ LAYERS = {
 
 def _plain_out(layer, fn, kwargs, x):
     return fn(x, layer.weight, layer.bias, **kwargs)
+
+
+def _fold_bounds(layer, roundings=0):
+    """Bounds on the float32 rounding of the canonical W = V U and b = d - W c read from a layer
+    whose V and d were written from a W and b in float64 (V = W U^-1, d = b + W c, each rounded
+    once to float32; U^-1's float64 error is far below one rounding): W's k_U-term sums, V's
+    rounding and one for U^-1 in units of |V| |U|; b's tap k-term sum, its subtraction, d's
+    rounding and W's, in units of |d| + sum over the taps of |V| |U| |c|. `roundings` adds more
+    (one per further write that rounded V and d again)."""
+    V, U = layer.V.detach().double().abs(), layer.U.double().abs()
+    k_u, taps_k = U.shape[-1], V[0].numel()
+    w = ops.mul_in(V, U)
+    b = layer.d.detach().double().abs() + ops.centre_term(w, layer.c.double().abs())
+    return gamma(k_u + 2 + roundings) * w, gamma(k_u + taps_k + 3 + roundings) * b
 
 
 def _assert_function_kept(modules, x, before, rewhitened):
@@ -73,17 +85,21 @@ def test_nn_init_on_weight_writes_through_and_keeps_the_bias(kind):
     make, shape, fn, kwargs = LAYERS[kind]
     layer = _randomize_whitening(make())
     bias_before = layer.bias.clone()
+    _, b_bound_before = _fold_bounds(layer)  # bias_before: the float32 fold of the random layer
     v_before = layer.V.detach().clone()
+    rng = torch.get_rng_state()
     nn.init.orthogonal_(layer.weight)  # writes through a view: tensor.view_as(q).copy_(q)
-    W = layer.weight.flatten(1)
+    torch.set_rng_state(rng)
+    q = nn.init.orthogonal_(torch.empty(layer.V.shape))  # what it wrote: the same draws
     assert not torch.equal(layer.V.detach(), v_before)
-    gram = W @ W.T if W.shape[0] <= W.shape[1] else W.T @ W
-    torch.testing.assert_close(gram, torch.eye(gram.shape[0]), **F32)
-    torch.testing.assert_close(layer.bias, bias_before, **tol(torch.float32, n=64, scale=4.0))
+    w_bound, b_bound = _fold_bounds(layer)
+    # the canonical weight is the orthogonal matrix orthogonal_ wrote (was: W W^T = I), to the
+    # float32 rounding of the write and the fold
+    assert_within(layer.weight, q, w_bound, "weight")
+    assert_within(layer.bias, bias_before, b_bound + b_bound_before, "bias")  # b kept: two folds
     x = torch.randn(shape)
-    torch.testing.assert_close(
-        layer(x), _plain_out(layer, fn, kwargs, x), **tol(torch.float32, n=64, scale=8.0)
-    )
+    # two float32 computations of the layer (the canonical W, b through F; the layer's own form)
+    assert_within(layer(x), _plain_out(layer, fn, kwargs, x), 2 * RoundingBound([layer], x).err, "output")
 
 
 @pytest.mark.parametrize("kind", LAYERS)
@@ -94,15 +110,16 @@ def test_assignment_and_in_place_writes_set_the_canonical_parameters(kind):
     b = torch.randn(layer.V.shape[0])
     layer.weight = nn.Parameter(W)  # was a KeyError
     layer.bias = b
-    scale = tol(torch.float32, n=64, scale=8.0)
-    torch.testing.assert_close(layer.weight, W, **scale)
-    torch.testing.assert_close(layer.bias, b, **scale)
+    w_bound, b_bound = _fold_bounds(layer, roundings=1)  # setting b rewrote V from its fold
+    assert_within(layer.weight, W, w_bound, "weight")
+    assert_within(layer.bias, b, b_bound, "bias")
     with torch.no_grad():
         layer.weight.data.zero_()
         layer.bias[0] = 5.0
     assert layer.weight.abs().max().item() == 0.0
     assert layer.bias[0].item() == 5.0  # exactly: with W = 0, d = b + W c = b and b = d - W c = d
-    torch.testing.assert_close(layer.bias[1:], b[1:], **scale)
+    # W = 0 wrote d = b, the float64 fold of the float32 V and d (b_bound), rounded once more
+    assert_within(layer.bias[1:], b[1:], b_bound[1:] + gamma(1) * b[1:].abs(), "bias")
     nn.init.zeros_(layer.bias)
     x = torch.randn(shape)
     # W = 0 and b = 0: the layer's output is exactly zero, whatever U and c are
