@@ -5,6 +5,10 @@ the peer "torch.cov" (rows permuted, correction=0) beside them.
 
 Floor: M = N*H*W rows of C features; the symmetric product is M*C*(C+1)/2 multiply-adds, about
 M*C^2 flops; the input is read once (4*M*C bytes) and the (C, C) result written in float64.
+
+On CUDA the shapes are larger (32 to 128 MiB inputs): the GPU goal is read bandwidth, prong's
+4*M*C bytes over its time as a share of the memory's peak, at least 70% for C <= 256, and a
+smaller input would time the launch rather than the reads.
 """
 
 from __future__ import annotations
@@ -24,6 +28,13 @@ SHAPES = {
     "full": [(32, 64, 32), (32, 128, 16), (16, 256, 8), (32, 256, 8)],
     "quick": [(16, 64, 32), (32, 256, 8)],
     "tiny": [(2, 5, 4)],
+}
+# CUDA: N=256 CIFAR-sized activations (64 to 128 MiB of float32) and, in full, C = 512 (outside
+# the bandwidth goal) and an ImageNet-sized first stage
+CUDA_SHAPES = {
+    "full": [(256, 64, 32), (256, 128, 32), (256, 256, 16), (128, 64, 56), (256, 512, 8)],
+    "quick": [(256, 64, 32), (256, 128, 32), (256, 256, 16)],
+    "tiny": SHAPES["tiny"],
 }
 
 
@@ -49,7 +60,8 @@ class Case:
 
 
 def cases(size: str, device: str) -> list[Case]:
-    return [Case(n, c, h, layout, impl) for n, c, h in SHAPES[size] for layout in LAYOUTS for impl in IMPLS]
+    shapes = (CUDA_SHAPES if device == "cuda" else SHAPES)[size]
+    return [Case(n, c, h, layout, impl) for n, c, h in shapes for layout in LAYOUTS for impl in IMPLS]
 
 
 def floor_counts(case: Case) -> dict:

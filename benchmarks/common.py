@@ -1,5 +1,6 @@
 """Helpers shared by the bench files, the runner and the smoke test: device choice,
-synchronization, round planning, a plain timing loop and the machine's roofline."""
+synchronization, round planning, a plain timing loop, the machine's roofline and the GPU memory's
+nominal peak bandwidth."""
 
 from __future__ import annotations
 
@@ -96,3 +97,37 @@ def roofline(device: str, quick: bool = False) -> dict:
         "gemm_size": n,
         "copy_mib": 4 * m >> 20,
     }
+
+
+#: nominal memory bandwidth in GB/s by device name, for a torch that does not report the memory
+#: clock and bus width (first match wins: the H100 NVL before the H100 SXM)
+NOMINAL_GBPS = (
+    ("H200", 4800.0),
+    ("H100 NVL", 3900.0),
+    ("H100 PCIe", 2000.0),
+    ("H100", 3350.0),
+    ("A100-SXM4-80GB", 2039.0),
+    ("A100 80GB PCIe", 1935.0),
+    ("A100", 1555.0),
+)
+
+
+def memory_peak(device: str) -> dict:
+    """The device memory's nominal peak bandwidth: {"gbps": GB/s or None, "source": how it was found}.
+
+    On CUDA: 2 (double data rate) x memory clock x bus width from torch's device properties, else
+    the NOMINAL_GBPS entry of the device's name. None on the CPU and for an unknown GPU; the report
+    then falls back to the measured copy rate.
+    """
+    if torch.device(device).type != "cuda":
+        return {"gbps": None, "source": "no GPU"}
+    props = torch.cuda.get_device_properties(device)
+    clock_khz = getattr(props, "memory_clock_rate", 0) or 0
+    bus_bits = getattr(props, "memory_bus_width", 0) or 0
+    if clock_khz > 0 and bus_bits > 0:
+        gbps = 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9
+        return {"gbps": gbps, "source": f"2 x {clock_khz / 1e3:.0f} MHz x {bus_bits} bit (device properties)"}
+    for name, gbps in NOMINAL_GBPS:
+        if name in props.name:
+            return {"gbps": gbps, "source": f"nominal for {name}"}
+    return {"gbps": None, "source": f"unknown for {props.name}"}

@@ -1,19 +1,25 @@
 """Runs the benchmark suite on the device present and writes the report.
 
-    python benchmarks/run.py [--quick] [--out benchmarks/results] [--device auto|cpu|cuda]
-                             [--threads N] [--only covariance,whitened,whitening,eigh,e2e]
+    python benchmarks/run.py [--quick | --size full|quick|tiny] [--out benchmarks/results]
+                             [--device auto|cpu|cuda] [--threads N] [--time-limit S]
+                             [--only covariance,whitened,eigh,whitening,e2e]
 
 Each bench file runs under pytest-benchmark in its own pytest process (--benchmark-json into a
 temporary file); the medians are then paired by group ("naive" and "prong" on the same inputs in
 one group) and written under --out:
 
-- results.md: tables of the ratios (naive/prong, prong/plain layer, PRONG step/SGD step at
-  T=100, the reparametrization's share) with their targets and floors, and the device;
-- results.json: device, versions, the git commit, CPU count, the roofline, shapes, every raw median;
-- ratios.png: the ratios against their targets;
+- results.md: the GPU goals with the figures achieved, then tables of the ratios (naive/prong,
+  prong/plain layer, PRONG step/SGD step at T=100, the reparametrization's share) with their
+  targets and floors, and the device;
+- results.json: device, versions, the git commit, CPU count, the roofline, the memory's peak
+  bandwidth, shapes, every raw median, the goals;
+- ratios.png: the ratios against their targets (without matplotlib: not written);
 - pytest.log: the pytest-benchmark console tables.
 
-Targets are figures beside the measurements, never asserted. --quick runs a short shape list.
+Targets and goals are figures beside the measurements, never asserted. --quick runs a short
+shape list (on CUDA the cases that decide the GPU goals first). --time-limit bounds the whole
+run: a file still running at the limit is interrupted (the benchmarks it finished are kept),
+later files are not started, and the report is written either way.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,13 +39,15 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+# in the order they run: the ones that decide the GPU goals first
 FILES = {
     "covariance": "bench_covariance.py",
     "whitened": "bench_whitened.py",
-    "whitening": "bench_whitening.py",
     "eigh": "bench_eigh.py",  # skipped when the file is absent
+    "whitening": "bench_whitening.py",
     "e2e": "bench_e2e.py",
 }
+TIMED_OUT = 124  # the exit code recorded for a file interrupted at --time-limit
 
 # the figure each ratio is compared with in results.md: (comparison, value)
 TARGETS = {
@@ -49,6 +58,8 @@ TARGETS = {
     "linear naive/prong": (">=", 1.5),
     "whitening naive/prong": (">=", 1.0),
     "eigh naive/prong": (">=", 1.0),
+    "eigh naive/prong cuda": (">=", 20.0),
+    "covariance % of memory peak": (">=", 70.0),
     "e2e resnet18 prong/sgd": ("<=", 1.10),
     "e2e autoencoder prong/sgd": ("<=", 2.0),
     "e2e reparam share cuda": ("<=", 0.05),
@@ -79,7 +90,10 @@ def _x(ratio: float | None) -> str:
 # Running
 
 
-def run_file(path: Path, json_out: Path, env: dict, log) -> tuple[int, float]:
+def run_file(path: Path, json_out: Path, env: dict, log, timeout: float | None = None) -> tuple[int, float]:
+    """Runs one bench file under pytest: (exit code, wall seconds). Past `timeout` seconds pytest
+    is interrupted (SIGINT: it stops and pytest-benchmark writes the JSON of what it finished),
+    killed 30 s later if still running, and the exit code is TIMED_OUT."""
     cmd = [
         sys.executable,
         "-m",
@@ -95,14 +109,41 @@ def run_file(path: Path, json_out: Path, env: dict, log) -> tuple[int, float]:
         "--benchmark-sort=name",
     ]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_default_sigint if os.name == "posix" else None,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)
+        try:
+            stdout, stderr = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+        rc = TIMED_OUT
+        stderr += f"\nrun.py: interrupted at the time limit ({timeout:.0f} s)\n"
     wall = time.perf_counter() - start
-    log.write(f"$ {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}\n")
+    log.write(f"$ {' '.join(cmd)}\n{stdout}\n{stderr}\n")
     log.flush()
-    if proc.returncode not in (0, 5):  # 5: nothing collected (e.g. bench_eigh without _C)
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
-        print(f"  {path.name} failed (exit {proc.returncode}):\n{tail}", file=sys.stderr)
-    return proc.returncode, wall
+    if rc not in (0, 5):  # 5: nothing collected (e.g. bench_eigh without _C)
+        tail = "\n".join((stdout + stderr).splitlines()[-25:])
+        print(f"  {path.name} failed (exit {rc}):\n{tail}", file=sys.stderr)
+    return rc, wall
+
+
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default, so that the child's Python installs
+    its KeyboardInterrupt handler even when this process was started with SIGINT ignored (in the
+    background), and the interruption at the time limit reaches pytest."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def collect(json_path: Path, source: str) -> list[dict]:
@@ -189,17 +230,20 @@ def build_report(rows: list[dict], meta: dict) -> tuple[str, list[dict]]:
         "a naive/prong column mean prong is faster. Targets are figures to compare, not asserted.",
         "",
     ]
+    out += goals_table(meta.get("goals", []), cuda)
 
     groups = _by_group(rows, "covariance")
     if groups:
+        peak, _, peak_source = _memory_peak(meta)
         out += [
             "## Covariance (NCHW float32, float32 products)",
             "",
-            "Floor: max(M*C^2 flops / GEMM rate, 4*M*C bytes / copy rate), M = N*H*W.",
+            "Floor: max(M*C^2 flops / GEMM rate, 4*M*C bytes / copy rate), M = N*H*W. prong GB/s: "
+            f"the bytes read (4*M*C) over prong's time; % of peak: of {peak:.0f} GB/s ({peak_source}).",
             "",
             "| shape | layout | naive ms | prong ms | torch.cov ms | naive/prong | target | met "
-            "| floor ms | prong/floor |",
-            "|---|---|---:|---:|---:|---:|---|---|---:|---:|",
+            "| floor ms | prong/floor | prong GB/s | % of peak |",
+            "|---|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|",
         ]
         for g in groups.values():
             p = g.get("prong")
@@ -207,11 +251,14 @@ def build_report(rows: list[dict], meta: dict) -> tuple[str, list[dict]]:
             floor = max(ex["flops"] / (roof["gemm_gflops"] * 1e9), ex["bytes"] / (roof["copy_gbps"] * 1e9))
             r = _ratio(g.get("naive"), p)
             t = add("covariance", f"cov {tuple(ex['shape'])} {ex['layout']}", r, "covariance naive/prong")
+            gbps = _read_gbps(p)
             out.append(
                 f"| {tuple(ex['shape'])} | {ex['layout']} | {_ms(g.get('naive', {}).get('median_s'))} "
                 f"| {_ms(p and p['median_s'])} | {_ms(g.get('torch.cov', {}).get('median_s'))} "
                 f"| {_x(r)} | {_fmt_target(t)} | {_met(r, t)} "
-                f"| {_ms(floor)} | {_x(p and p['median_s'] / floor)} |"
+                f"| {_ms(floor)} | {_x(p and p['median_s'] / floor)} "
+                f"| {'' if gbps is None else f'{gbps:.3g}'} "
+                f"| {'' if gbps is None else f'{100 * gbps / peak:.1f}'} |"
             )
         out.append("")
 
@@ -263,22 +310,33 @@ def build_report(rows: list[dict], meta: dict) -> tuple[str, list[dict]]:
         if not groups:
             continue
         impls = sorted({i for g in groups.values() for i in g if i not in ("naive", "prong")})
+        cupy = "cupy" in impls
+        target_key = f"{source} naive/prong" + (" cuda" if cuda and source == "eigh" else "")
+        out += [f"## {title}", ""]
+        if cupy:
+            out += [
+                "cupy: CuPy's batched eigh, one cupy.linalg.eigh per size on the stacked matrices; "
+                "cupy/prong above 1 means prong is faster (no target).",
+                "",
+            ]
         out += [
-            f"## {title}",
-            "",
             "| case | naive ms | prong ms | "
             + "".join(f"{i} ms | " for i in impls)
-            + "naive/prong | target | met |",
-            "|---|---:|---:|" + "---:|" * len(impls) + "---:|---|---|",
+            + "naive/prong | target | met |"
+            + (" cupy/prong |" if cupy else ""),
+            "|---|---:|---:|" + "---:|" * len(impls) + "---:|---|---|" + ("---:|" if cupy else ""),
         ]
         for name, g in groups.items():
             r = _ratio(g.get("naive"), g.get("prong"))
-            t = add(source, name, r, f"{source} naive/prong")
+            t = add(source, name, r, target_key)
             others = "".join(f"{_ms(g.get(i, {}).get('median_s'))} | " for i in impls)
+            rc = _ratio(g.get("cupy"), g.get("prong"))
+            if cupy:
+                add(source, f"{name} cupy/prong", rc)
             out.append(
                 f"| {name} | {_ms(g.get('naive', {}).get('median_s'))} | "
                 f"{_ms(g.get('prong', {}).get('median_s'))} | {others}{_x(r)} | {_fmt_target(t)} "
-                f"| {_met(r, t)} |"
+                f"| {_met(r, t)} |" + (f" {_x(rc)} |" if cupy else "")
             )
         out.append("")
 
@@ -302,6 +360,10 @@ def build_report(rows: list[dict], meta: dict) -> tuple[str, list[dict]]:
             "|---|---:|---:|---:|---:|---:|---|---|---|---|---|---:|",
         ]
         for name, g in groups.items():
+            # a case interrupted at the time limit has its timing but not its T
+            g = {k: r for k, r in g.items() if r["extra_info"].get("T_s") is not None}
+            if not g:
+                continue
             s, n, p = (g.get(k) for k in ("sgd", "naive", "prong"))
             ex = (s or p or n)["extra_info"]
             model = ex["model"]
@@ -342,22 +404,175 @@ def build_report(rows: list[dict], meta: dict) -> tuple[str, list[dict]]:
 
     failed = {k: v for k, v in meta["files"].items() if v["rc"] not in (0, 5)}
     if failed:
-        out += ["## Failures", ""] + [
-            f"- {k}: pytest exit code {v['rc']} (see pytest.log)" for k, v in failed.items()
-        ]
+        out += ["## Failures", ""] + [f"- {k}: {_file_status(v)}" for k, v in failed.items()]
         out.append("")
     return "\n".join(out), ratios
 
 
-def plot(ratios: list[dict], meta: dict, path: Path) -> None:
-    import matplotlib
+def _file_status(v: dict) -> str:
+    if v["rc"] is None:
+        return "not run: the time limit was reached before it"
+    if v["rc"] == TIMED_OUT:
+        return f"interrupted at the time limit after {v['wall_s']:.0f} s (its finished benchmarks are kept)"
+    return f"pytest exit code {v['rc']} (see pytest.log)"
+
+
+def _memory_peak(meta: dict) -> tuple[float, str, str]:
+    """(GB/s, short name, where it comes from) of the bandwidth the covariance's reads are
+    compared with: the memory's nominal peak where known, else the copy rate the roofline measured."""
+    peak = (meta.get("memory_peak") or {}).get("gbps")
+    if peak:
+        return peak, "memory peak", meta["memory_peak"]["source"]
+    return meta["roofline"]["copy_gbps"], "copy rate", "measured copy rate: the memory's peak is unknown here"
+
+
+def _read_gbps(row: dict | None) -> float | None:
+    """GB/s of a covariance case: the input's bytes (4*M*C, read once) over the median time."""
+    if not row or not row.get("median_s"):
+        return None
+    ex = row["extra_info"]
+    m = ex["shape"][0] * ex["shape"][2] * ex["shape"][3]
+    return 4 * m * ex["shape"][1] / row["median_s"] / 1e9
+
+
+def goals(rows: list[dict], meta: dict) -> list[dict]:
+    """The GPU goals with the figure achieved: the covariance's read bandwidth in % of the
+    memory's peak (worst case with C <= 256), whitened conv / plain conv (worst shape), and per
+    eigh layer set and dtype the loop of torch.linalg.eigh / prong and CuPy's batched eigh /
+    prong. `met` is given on CUDA only: on the CPU the figures are computed alike, and judged
+    against nothing.
+
+    Each entry: key (stable: covariance_bandwidth, conv_vs_plain, eigh_loop:<set>:<dtype>,
+    eigh_cupy:<set>:<dtype>), goal, value (None when not measured), unit, target, met, case, note.
+    """
+    cuda = meta["device_type"] == "cuda"
+    out: list[dict] = []
+
+    def entry(key, goal, value, unit, target, case="", note=""):
+        met = _met(value, target).strip("*") if (cuda and target is not None) else ""
+        out.append(
+            {
+                "key": key,
+                "goal": goal,
+                "value": value,
+                "unit": unit,
+                "target": None if target is None else list(target),
+                "met": met or None,
+                "case": case,
+                "note": note,
+            }
+        )
+
+    peak, peak_name, _ = _memory_peak(meta)
+    target = TARGETS["covariance % of memory peak"]
+    shares = []
+    for g in _by_group(rows, "covariance").values():
+        p = g.get("prong")
+        gbps = _read_gbps(p)
+        ex = p["extra_info"] if p else {}
+        if gbps is not None and ex["shape"][1] <= 256:
+            shares.append((100 * gbps / peak, f"{tuple(ex['shape'])} {ex['layout']}"))
+    worst = min(shares) if shares else (None, "")
+    entry(
+        "covariance_bandwidth",
+        "covariance read bandwidth, C <= 256 (worst case)",
+        worst[0],
+        f"% of {peak_name}",
+        target,
+        worst[1],
+        f"{sum(v >= target[1] for v, _ in shares)} of {len(shares)} cases at or above {target[1]:g}%"
+        if shares
+        else "no covariance case measured",
+    )
+
+    target = TARGETS["conv prong/plain"]
+    convs = []
+    for g in _by_group(rows, "whitened").values():
+        p, pl = g.get("prong"), g.get("plain")
+        r = _ratio(p, pl)
+        if r is not None and p["extra_info"]["op"] == "whitened_conv":
+            sh = p["extra_info"]["shape"]
+            label = f"conv{sh['k']}x{sh['k']} N={sh['N']} C={sh['C_in']} {sh['H']}x{sh['W']}"
+            convs.append((r, label, p["extra_info"]["prong_floor"]))
+    worst = max(convs) if convs else (None, "", None)
+    entry(
+        "conv_vs_plain",
+        "whitened conv fwd+bwd / plain conv (worst shape)",
+        worst[0],
+        "x",
+        target,
+        worst[1],
+        f"{sum(r <= target[1] for r, _, _ in convs)} of {len(convs)} shapes at or below {target[1]:g}; "
+        f"flop floor of the worst {worst[2]:.3f}"
+        if convs
+        else "no conv case measured",
+    )
+
+    target = TARGETS["eigh naive/prong cuda"]
+    for g in _by_group(rows, "eigh").values():
+        ex = next(iter(g.values()))["extra_info"]
+        layers = ex.get("layers", "?")
+        label = f"{layers} ({len(ex['sizes'])} matrices) {ex['dtype']}"
+        entry(
+            f"eigh_loop:{layers}:{ex['dtype']}",
+            f"batched eigh, {layers} layer set: loop of torch.linalg.eigh / prong",
+            _ratio(g.get("naive"), g.get("prong")),
+            "x",
+            target,
+            label,
+        )
+        if "cupy" in g:
+            looped = g["cupy"]["extra_info"].get("cupy_looped_sizes") or []
+            entry(
+                f"eigh_cupy:{layers}:{ex['dtype']}",
+                f"batched eigh, {layers} layer set: CuPy's batched eigh / prong",
+                _ratio(g.get("cupy"), g.get("prong")),
+                "x",
+                None,
+                label,
+                f"CuPy decomposed sizes {looped} one at a time (its stacked call failed)" if looped else "",
+            )
+    return out
+
+
+def goals_table(items: list[dict], cuda: bool) -> list[str]:
+    """results.md's first section: the goals, the figures achieved, whether each is met."""
+    out = [
+        "## GPU goals",
+        "",
+        "The figures that decide the GPU goals, from the tables below."
+        + ("" if cuda else " This run had no GPU: the figures are the CPU's, not judged."),
+        "",
+        "| goal | target | achieved | met | case | note |",
+        "|---|---|---:|---|---|---|",
+    ]
+    for e in items:
+        target = "" if e["target"] is None else f"{'≥' if e['target'][0] == '>=' else '≤'} {e['target'][1]:g}"
+        digits = 1 if e["unit"].startswith("%") else 2
+        value = "not measured" if e["value"] is None else f"{e['value']:.{digits}f}"
+        unit = e["unit"] if e["unit"] != "x" else ""
+        met = {"yes": "yes", "no": "**no**"}.get(e["met"] or "", "")
+        out.append(
+            f"| {e['goal']} | {f'{target} {unit}'.strip()} | {f'{value} {unit}'.strip()} | {met} "
+            f"| {e['case']} | {e['note']} |"
+        )
+    out.append("")
+    return out
+
+
+def plot(ratios: list[dict], meta: dict, path: Path) -> bool:
+    """Writes the ratios' bar chart; False (nothing written) without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     items = [r for r in ratios if r["ratio"] is not None and "share" not in r["label"]]
     if not items:
-        return
+        return False
     fig, ax = plt.subplots(figsize=(9, 0.28 * len(items) + 1.5))
     ys = range(len(items))
     colors = []
@@ -377,6 +592,7 @@ def plot(ratios: list[dict], meta: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,16 +615,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(FILES)}")
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        default=0,
+        help="seconds for the whole run (0: none): a file running then is interrupted, later ones skipped",
+    )
     args = parser.parse_args(argv)
 
     import torch
-    from common import device_name, pick_device, roofline
+    from common import device_name, memory_peak, pick_device, roofline
 
     from prong_ext.experiments.common import commit_text, git_state
 
     git = git_state(ROOT)  # before the run rewrites results/
 
     start = time.perf_counter()
+    deadline = start + args.time_limit if args.time_limit > 0 else None
     load_start = _loadavg()
     size = args.size or ("quick" if args.quick else "full")
     device = pick_device(args.device)
@@ -442,7 +665,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {FILES[key]}: not present, skipped", flush=True)
                 continue
             json_out = Path(tmp) / f"{key}.json"
-            rc, wall = run_file(path, json_out, env, log)
+            timeout = None if deadline is None else deadline - time.perf_counter()
+            if timeout is not None and timeout < 5:
+                files[key] = {"file": FILES[key], "rc": None, "wall_s": 0.0, "benchmarks": 0}
+                print(f"  {FILES[key]}: not run (time limit)", flush=True)
+                continue
+            rc, wall = run_file(path, json_out, env, log, timeout)
             new = collect(json_out, key)
             rows += new
             files[key] = {"file": FILES[key], "rc": rc, "wall_s": wall, "benchmarks": len(new)}
@@ -465,19 +693,26 @@ def main(argv: list[str] | None = None) -> int:
             "cudnn": torch.backends.cudnn.allow_tf32,
         },
         "size": size,
+        "time_limit_s": args.time_limit or None,
         "roofline": roof,
+        "memory_peak": memory_peak(device),
         "files": files,
         "wall_s": time.perf_counter() - start,
         "loadavg_1min": {"start": load_start, "end": _loadavg()},
     }
+    meta["goals"] = goals(rows, meta)
     text, ratios = build_report(rows, meta)
     (out_dir / "results.md").write_text(text + "\n")
     (out_dir / "results.json").write_text(
         json.dumps({**meta, "ratios": ratios, "results": rows}, indent=1) + "\n"
     )
-    plot(ratios, meta, out_dir / "ratios.png")
+    png = plot(ratios, meta, out_dir / "ratios.png")
     print(text)
-    print(f"\nwrote {out_dir / 'results.md'}, results.json, ratios.png in {meta['wall_s']:.0f} s")
+    print(
+        f"\nwrote {out_dir / 'results.md'}, results.json"
+        + (", ratios.png" if png else " (no ratios.png: matplotlib is not installed)")
+        + f" in {meta['wall_s']:.0f} s"
+    )
     return 0 if all(v["rc"] in (0, 5) for v in files.values()) else 1
 
 
