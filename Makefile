@@ -5,7 +5,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.deps-installed
 
-.PHONY: build test demo compile-check wheel wheel-cpu bench lint clean
+GPU_CHECK_OUT ?= build/gpu-check-dry
+
+.PHONY: build test demo compile-check wheel wheel-cpu bench gpu-check-dry lint clean
 
 $(STAMP): requirements-dev.txt
 	test -x $(PY) || $(PYTHON3) -m venv $(VENV)
@@ -43,8 +45,13 @@ wheel-cpu: $(STAMP)
 bench: build
 	$(PY) benchmarks/run.py --out benchmarks/results
 
+# scripts/gpu_check.sh's dry run (no GPU needed, about a minute): every step on a copy of the
+# checkout, the summary and the check of its entries in $(GPU_CHECK_OUT).
+gpu-check-dry: $(STAMP)
+	PYTHON=$(abspath $(PY)) GPU_CHECK_DRY=1 bash scripts/gpu_check.sh $(GPU_CHECK_OUT)
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check prong_ext triton_kernels tests benchmarks setup.py
+	$(VENV)/bin/ruff check prong_ext triton_kernels tests benchmarks scripts setup.py
 
 clean:
 	rm -rf build dist *.egg-info prong_ext/_C*.so prong_ext/_build_info.py .pytest_cache
