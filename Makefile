@@ -7,7 +7,7 @@ STAMP := $(VENV)/.deps-installed
 
 GPU_CHECK_OUT ?= build/gpu-check-dry
 
-.PHONY: build test demo compile-check wheel wheel-cpu bench gpu-check-dry lint clean
+.PHONY: build test demo compile-check compile-check-36 wheel wheel-cpu bench gpu-check-dry lint clean
 
 $(STAMP): requirements-dev.txt
 	test -x $(PY) || $(PYTHON3) -m venv $(VENV)
@@ -30,6 +30,11 @@ demo: build
 # Compiles every Triton kernel for sm_80 and sm_90 without a GPU.
 compile-check: build
 	env -u TRITON_INTERPRET $(PY) -m prong_ext.triton_kernels.compile_check
+
+# The same under Triton 3.6.0, the GPU machine's, in a cached venv (PRONG_EXT_T36_VENV, default
+# ~/.cache/prong_ext/venv-t36, made when missing) from this checkout's sources.
+compile-check-36:
+	bash scripts/compile_check_t36.sh
 
 # The sdist, and the CUDA wheel built from it (torch 2.14.1 CUDA venv in .venv-cuda), checked for
 # sm_80 and sm_90 code, into dist/.
