@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.deps-installed
 
+# The CUDA architectures of the wheel: sm_80 and sm_90 code, and PTX of sm_90 that the driver
+# compiles for newer GPUs.
+TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
 GPU_CHECK_OUT ?= build/gpu-check-dry
 
 .PHONY: build test demo compile-check compile-check-36 wheel wheel-cpu bench gpu-check-dry lint clean
@@ -37,9 +40,9 @@ compile-check-36:
 	bash scripts/compile_check_t36.sh
 
 # The sdist, and the CUDA wheel built from it (torch 2.14.1 CUDA venv in .venv-cuda), checked for
-# sm_80 and sm_90 code, into dist/.
+# sm_80 and sm_90 code and sm_90 PTX, into dist/.
 wheel:
-	bash scripts/build_wheel.sh
+	TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" bash scripts/build_wheel.sh
 
 # The sdist, a CPU wheel built from it with .venv's torch, installed and run in a fresh venv.
 wheel-cpu: $(STAMP)

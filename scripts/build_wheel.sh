@@ -5,9 +5,10 @@
 #     1. creates the CUDA venv when missing (torch 2.14.1 CUDA 13.0 build from the local wheel
 #        store) and makes sure its build and check tools are installed (quick when present);
 #     2. builds the sdist into dist/ and unpacks it in a temporary folder;
-#     3. builds the wheel there: TORCH_CUDA_ARCH_LIST="8.0;9.0" pip wheel --no-build-isolation
+#     3. builds the wheel there: TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX" pip wheel --no-build-isolation
 #        --no-deps, so a file missing from the sdist (csrc/cuda/ included) fails the build;
-#     4. checks with cuobjdump that _C holds sm_80 and sm_90 code;
+#     4. checks with cuobjdump that _C holds sm_80 and sm_90 code (cubins) and sm_90 PTX, which the
+#        driver compiles for GPUs newer than sm_90;
 #     5. installs the wheel into the CUDA venv and runs the check below from outside the checkout,
 #        plus the compiled ops torch.ops.prong_ext.batched_eigh / whitening (CPU kernels: this
 #        machine may have no GPU).
@@ -22,7 +23,7 @@
 # whitened model (prong_ext.whiten) is re-whitened by Prong.reparametrize with its outputs unchanged,
 # and the `prong-ext` script runs.
 #
-# Environment: CUDA_HOME (default /usr/local/cuda), TORCH_CUDA_ARCH_LIST (default "8.0;9.0"),
+# Environment: CUDA_HOME (default /usr/local/cuda), TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX"),
 # PRONG_EXT_CUDA_VENV (default .venv-cuda; a relative path is taken from the checkout, an absolute
 # one lets several checkouts share one CUDA venv), PRONG_EXT_CUDA_TORCH (default torch==2.14.1),
 # PRONG_EXT_CPU_VENV (--cpu: the build venv, default .venv; it must hold torch, setuptools>=77, ninja).
@@ -47,7 +48,7 @@ if [ $MODE = cuda ]; then
     VENV=$(abs "${PRONG_EXT_CUDA_VENV:-.venv-cuda}")
     TORCH_SPEC=${PRONG_EXT_CUDA_TORCH:-torch==2.14.1}
     export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-    export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0"}
+    export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0+PTX"}
     [ -x "$CUDA_HOME/bin/nvcc" ] || { log "no nvcc in CUDA_HOME=$CUDA_HOME"; exit 1; }
     PY="$VENV/bin/python"
     if [ ! -x "$PY" ]; then
@@ -125,7 +126,15 @@ if [ $MODE = cuda ]; then
     for arch in sm_80 sm_90; do
         grep -q "\.$arch\.cubin" <<<"$elfs" || { log "no $arch code in $(basename "$so")"; exit 1; }
     done
-    log "cuobjdump: sm_80 and sm_90 code present"
+    ptx=$("$CUOBJDUMP" --list-ptx "$so" 2>/dev/null || true)
+    echo "$ptx"
+    # PTX is kept for the archs listed with +PTX; the default list's is sm_90's
+    if [[ $TORCH_CUDA_ARCH_LIST == *"9.0+PTX"* ]] && ! grep -q "\.sm_90\.ptx" <<<"$ptx"; then
+        log "no sm_90 PTX in $(basename "$so") (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
+        exit 1
+    fi
+    ptx_archs=$( (grep -o 'sm_[0-9]*\.ptx' <<<"$ptx" || true) | sed 's/\.ptx$//' | sort -u | paste -sd' ' -)
+    log "cuobjdump: sm_80 and sm_90 code present; PTX: ${ptx_archs:-none}"
     RUN_VENV=$VENV
     log "installing into $RUN_VENV"
     quiet_pip "$PY" -m pip install -q --no-deps --force-reinstall "$wheel"
