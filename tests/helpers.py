@@ -303,3 +303,50 @@ def assert_within(got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor, wh
     """|got - want| <= bound elementwise (in float64)."""
     err = (got.detach().double() - want.detach().double()).abs()
     assert (err <= bound).all(), f"{what}: error/bound up to {(err / bound).max().item():.3g}"
+
+
+class EvalRoundingBound(RoundingBound):
+    """RoundingBound's forward (only) of an eval-mode model, BatchNorm2d too (per channel the
+    affine map of BatchNorm1d, 7 roundings), with an input's error carried by the exact map the
+    float32 computation approximates instead of by the sizes of its factors: through a whitened
+    layer by |W| = |V U| (h + e gives W (h + e - c) + d plus the layer's own roundings, which
+    still see |V| |U|), through Tanh times its derivative 1 - z^2, and not through ReLU where the
+    input lies below minus its bound (the computed input is negative too: an exact 0). Each step
+    first order in u, as RoundingBound; tighter than it by the factors |V| |U| / |V U|, which
+    whitening makes large."""
+
+    def _forward(self, m, h, err):
+        if isinstance(m, nn.BatchNorm2d):
+            alpha, mean, bias = (t.view(-1, 1, 1) for t in self._bn(m))
+            z = (h - mean) * alpha + bias
+            size = (h.abs() + mean.abs()) * alpha.abs() + bias.abs()
+            return z, alpha.abs() * err + self.gamma(7) * size
+        if isinstance(m, nn.ReLU):
+            return torch.relu(h), err * (h >= -err)
+        if isinstance(m, nn.Tanh):
+            z = torch.tanh(h)
+            return z, (1 - z.square()) * err + 2 * self.u * z.abs()
+        if hasattr(m, "U"):
+            V, d, U, c = self._parts(m)
+            z = self._apply(m, h, V, d, U, c)
+            size = self._apply(m, h.abs(), *self._abs(V, d, U, c))
+            from prong_ext import ops
+
+            eye = torch.eye(U.shape[-1], dtype=U.dtype).expand_as(U).contiguous()  # per group
+            # e padded as the layer pads h - c (zeros padding: exact zeros), then |V U|'s taps
+            through = self._apply(m, err, ops.mul_in(V, U).abs(), None, eye, torch.zeros_like(c))
+            k = self._counts(m, V, U, z)["forward"] + self.extra.get(m, 0)
+            return z, through + self.gamma(k) * size
+        return super()._forward(m, h, err)
+
+
+def eval_rounding_bound(model: nn.Module, x: torch.Tensor, extra=None) -> torch.Tensor:
+    """EvalRoundingBound(...).err of the output eval_out computes (BatchNorm on its running
+    statistics), training mode restored; a Sequential's modules in order, else the one module."""
+    mode = model.training
+    model.eval()
+    try:
+        modules = list(model) if isinstance(model, nn.Sequential) else [model]
+        return EvalRoundingBound(modules, x, extra=extra).err
+    finally:
+        model.train(mode)
