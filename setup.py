@@ -8,7 +8,7 @@ list it was compiled for), which prong_ext._extension reads without importing `_
 Environment:
     PRONG_EXT_NO_EXTENSION=1   skip the compiled extension (pure torch/Triton package).
     PRONG_EXT_FORCE_CPU=1      build `_C` without CUDA even when torch and the toolkit have it.
-    TORCH_CUDA_ARCH_LIST       CUDA architectures; "8.0;9.0" when unset and no GPU is visible.
+    TORCH_CUDA_ARCH_LIST       CUDA architectures; "8.0;9.0+PTX" when unset and no GPU is visible.
 """
 
 import glob
@@ -51,7 +51,7 @@ def _extensions():
     define_macros = [("PRONG_EXT_WITH_CUDA", "1" if use_cuda else "0")]
     if use_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
         torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
         site = os.path.dirname(os.path.dirname(torch_lib))
         solver_inc, solver_lib, solver_name = _cusolver_paths(torch_lib, cpp_extension.CUDA_HOME)
