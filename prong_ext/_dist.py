@@ -1,5 +1,6 @@
-"""torch.distributed pieces of Prong: the exact merge of statistics across ranks, the
-eigendecompositions spread over the ranks by cost, and the broadcast of their results.
+"""torch.distributed pieces of Prong: the exact merge of statistics across ranks, the sums of the
+diagonal rescaling, the eigendecompositions spread over the ranks by cost, and the broadcast of
+their results.
 
 Every function takes `group`: a torch.distributed process group, or None for a single process
 (then nothing is communicated).
@@ -14,7 +15,7 @@ import torch.distributed as dist
 
 from .ops import _outer
 
-__all__ = ["assign_by_cost", "default_group", "merge_statistics", "share_results", "world"]
+__all__ = ["assign_by_cost", "default_group", "merge_statistics", "share_results", "sum_over_ranks", "world"]
 
 
 def default_group(group):
@@ -107,6 +108,27 @@ def merge_statistics(stats: list[tuple], shapes: list[torch.Size], device, group
     for total, mu, m2, shape in zip(totals, means, second.split([m.numel() for m in moments]), shapes):
         out.append((int(total), mu, m2.view(shape) / total) if total else (0, None, None))
     return out
+
+
+def sum_over_ranks(
+    counts: list[float], sums: list[torch.Tensor], device, group
+) -> tuple[list[float], list[torch.Tensor]]:
+    """Per layer, the count and the float64 vector of sums over all ranks, in one all_reduce.
+
+    Args:
+        counts: per layer, this rank's count.
+        sums: per layer, this rank's float64 sums (1-D; zeros where it has none).
+        device: where the collective runs (the layers' device).
+
+    Returns:
+        (counts, sums) of all ranks; the arguments themselves for group None.
+    """
+    if group is None:
+        return counts, sums
+    packed = torch.cat([torch.tensor(counts, dtype=torch.float64, device=device), *sums])
+    dist.all_reduce(packed, group=group)
+    totals = packed[: len(counts)].tolist()
+    return totals, list(packed[len(counts) :].split([t.numel() for t in sums]))
 
 
 def share_results(results: list, shapes: list[list[torch.Size]], owners: list[int], device, group) -> list:

@@ -1,7 +1,13 @@
-"""The PRONG training-loop controller (docs/algorithm.md, Algorithm 1)."""
+"""The PRONG training-loop controller (docs/algorithm.md, Algorithm 1).
+
+Prong schedules; the state of every whitened layer side is a WhiteningState
+(prong_ext/_layer_state.py), the change of coordinates of a layer and of its optimizer state is
+prong_ext/_reparam.py, the communication between ranks prong_ext/_dist.py.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -11,18 +17,20 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from . import _dist, ops
+from . import _dist, _reparam, ops
 from ._dist import assign_by_cost
+from ._layer_state import WhiteningState, Window, synchronize, whitening_pairs
 from .convert import tied_parameters
-from .nn import WhitenedConv2d, WhitenedLinear, _Whitened
+from .nn import _Whitened
 
 __all__ = ["Prong", "assign_by_cost"]
 
-_FIRST_MOMENTS = ("momentum_buffer", "exp_avg")
-_SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")
 #: hyperparameters a checkpoint carries (load_state_dict takes them from it)
 _HYPERPARAMETERS = ("interval", "num_samples", "eps", "whitening", "optimizer_state")
 _TIMINGS = ("statistics", "eigh", "projection")
+#: state_dict sections keyed by layer name: the sides' entries, and those of the open window
+_SIDE_KEYS = ("u_inv", "rescale_sums")
+_WINDOW_KEYS = ("seen", "taken", "stats")
 
 
 class Prong:
@@ -86,6 +94,10 @@ class Prong:
     previous whitening, with a warning naming it.
     """
 
+    #: the projection of one layer (docs/algorithm.md section 4), looked up on the class at every
+    #: re-whitening
+    _project = staticmethod(_reparam.project)
+
     def __init__(
         self,
         model: nn.Module,
@@ -100,22 +112,9 @@ class Prong:
         rescale: bool = False,
         process_group=None,
     ):
-        if not isinstance(interval, int) or interval < 1:
-            raise ValueError(f"{interval=} must be an int >= 1")
-        if not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"{num_samples=} must be an int >= 1")
-        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-            raise ValueError(f"{eps=} must be a finite number > 0")
-        if whitening not in ("pca", "zca"):
-            raise ValueError(f"{whitening=} must be 'pca' or 'zca'")
-        if optimizer_state not in ("transform", "reset", "keep"):
-            raise ValueError(f"{optimizer_state=} must be 'transform', 'reset' or 'keep'")
-        if not isinstance(max_features, int) or max_features < 1:
-            raise ValueError(f"{max_features=} must be an int >= 1")
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
-        if not isinstance(rescale, bool):
-            raise TypeError(f"{rescale=} must be a bool")
+        _check_arguments(
+            interval, num_samples, eps, whitening, optimizer_state, max_features, optimizer, rescale
+        )
         self.model = model
         # statistics passes of reparametrize(data) run the wrapped module: DDP's forward would
         # make collectives that ranks with different amounts of data do not match
@@ -129,70 +128,41 @@ class Prong:
         self.whitening = whitening
         self.optimizer_state = optimizer_state
         self.max_features = max_features
-
-        whitened = [(n, m) for n, m in model.named_modules() if isinstance(m, _Whitened)]
-        if not whitened:
-            raise ValueError(
-                "the model has no whitened layer (WhitenedLinear / WhitenedConv2d); "
-                "convert it with prong_ext.whiten(model) first"
-            )
-        self.layers: dict[str, _Whitened] = {}
-        too_wide, tied = [], []
-        tied_ids = tied_parameters(model)
-        for name, module in whitened:
-            if module.num_features > max_features:
-                too_wide.append(f"{name or '<model>'} ({module.num_features})")
-            elif any(id(p) in tied_ids for p in (module.V, module.d) if p is not None):
-                tied.append(
-                    " = ".join(next(tied_ids[id(p)] for p in (module.V, module.d) if id(p) in tied_ids))
-                )
-            else:
-                self.layers[name] = module
-        if too_wide:
-            warnings.warn(
-                f"Prong leaves {len(too_wide)} layer(s) wider than {max_features=} unwhitened: "
-                + ", ".join(too_wide),
-                stacklevel=2,
-            )
-        if tied:
-            warnings.warn(
-                f"Prong leaves {len(tied)} whitened layer(s) whose parameters other modules hold too "
-                "(tied weights) as they are, since re-whitening rewrites V and d: " + "; ".join(tied),
-                stacklevel=2,
-            )
-        if not self.layers:
-            raise ValueError(
-                "none of the model's whitened layers can be re-whitened (all are wider than "
-                "max_features or have tied parameters)"
-            )
+        self.layers: dict[str, _Whitened] = _select_layers(model, max_features)
+        # one state per whitened side, in the order of self.layers
+        self._sides = [WhiteningState(name, module) for name, module in self.layers.items()]
 
         self.timings = dict.fromkeys(_TIMINGS, 0.0)
         self.num_reparametrizations = 0
         self._step = 0
         self._initialized = False  # reparametrize() was called before the first update
-        # per layer, (U, U^-1) from the last re-whitening, kept while the layer's U equals it
-        self._u_inv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.eigh_owners: dict[str, int] = {}
-        # rescaling: per layer, the number of rows and the sums of (U (h - c))^2 since step()
-        self._rescale_sums: dict[str, tuple[int, torch.Tensor]] = {}
         self._examples_per_step: float | None = None
         self._warned_state_keys: set[str] = set()  # optimizer state keys already warned about
-        self._window: dict[str, ops.CovarianceAccumulator] | None = None
         self._window_steps = 0
-        self._window_seen = 0
         self._handles: list = []
         self._open_window()
-        self._rescale_handles = [
-            m.register_forward_pre_hook(self._rescale_hook(n)) for n, m in self.layers.items() if rescale
-        ]
-
-    # ------------------------------------------------------------------------------------------
-    # The training loop
+        self._rescale_handles = [self._rescale_hook(side) for side in self._sides if rescale]
 
     @property
     def updates(self) -> int:
         """Number of step() calls so far."""
         return self._step
+
+    @property
+    def eigh_owners(self) -> dict[str, int]:
+        """Per layer, the rank that decomposed it at the last re-whitening (layers with
+        statistics then only; 0 everywhere in a single process)."""
+        return {side.name: side.owner for side in self._sides if side.owner is not None}
+
+    @property
+    def _window(self) -> dict[str, ops.CovarianceAccumulator] | None:
+        """The open window's accumulators by layer name; None while no window is open."""
+        if not self._window_open:
+            return None
+        return {side.name: side.window.accumulator for side in self._sides}
+
+    # ------------------------------------------------------------------------------------------
+    # The training loop
 
     def step(self, data: torch.Tensor | Iterable | None = None) -> bool:
         """Call after optimizer.step(); re-whitens when the update count is a multiple of
@@ -208,8 +178,8 @@ class Prong:
         explicit_init = self._step == 0 and self._initialized
         if self._step % self.interval == 0 and not explicit_init:
             self._window_steps += 1
-            stats = self._statistics(self._window if data is None else self._gather(data))
-            if all(count == 0 for count, _, _ in stats.values()):
+            stats = self._statistics(self._windows() if data is None else self._gather(data))
+            if all(count == 0 for count, _, _ in stats):
                 raise RuntimeError(
                     f"Prong.step() is due to re-whiten at update {self._step} but no statistics "
                     "were gathered: run the model's training forward pass (in training mode, not "
@@ -221,20 +191,21 @@ class Prong:
             self._close_window()
             done = True
         else:
-            if self._window is not None:
+            if self._window_open:
                 self._window_steps += 1
                 if explicit_init:  # the initial window is not needed
                     self._close_window()
             if self.rescale:
                 self._apply_rescale()
-        self._rescale_sums = {}
+        for side in self._sides:
+            side.rescale_sums = None
         self._step += 1
         self._schedule_window()
         return done
 
     def _warn_few_examples(self) -> None:
         """Warns when the window's statistics hold fewer than num_samples examples."""
-        taken = [n for n in self._window_budget["taken"].values() if n > 0]
+        taken = [side.window.taken for side in self._sides if side.window is not None and side.window.taken]
         if taken and min(taken) < self.num_samples:
             first = (
                 " For the whitened initialization from num_samples examples, call "
@@ -267,8 +238,8 @@ class Prong:
                 layers; nothing is changed then).
         """
         if data is None:
-            stats = self._statistics(self._window)
-            if all(count == 0 for count, _, _ in stats.values()):
+            stats = self._statistics(self._windows())
+            if all(count == 0 for count, _, _ in stats):
                 raise ValueError(
                     "reparametrize() without data needs statistics from training forward "
                     "passes, and none were gathered since the last re-whitening; pass data"
@@ -278,7 +249,7 @@ class Prong:
             self._schedule_window()
         else:
             stats = self._statistics(self._gather(data))
-            if all(count == 0 for count, _, _ in stats.values()):
+            if all(count == 0 for count, _, _ in stats):
                 raise ValueError(
                     "reparametrize(data): the data reached none of the whitened layers (no "
                     f"forward pre-hook of {sorted(self.layers)} ran); nothing was changed"
@@ -288,71 +259,53 @@ class Prong:
             self._initialized = True
 
     # ------------------------------------------------------------------------------------------
-    # Statistics
+    # Statistics: the window before a re-whitening, or a pass over data
 
-    def _new_accumulators(self) -> dict[str, ops.CovarianceAccumulator]:
-        return {n: ops.CovarianceAccumulator(m.num_features, groups=m.groups) for n, m in self.layers.items()}
+    def _statistics_hook(self, side: WhiteningState, window: Window, training_only: bool):
+        """A hook feeding the side's samples to `window`, capped at num_samples examples."""
 
-    def _add_hooks(self, accumulators, budget: dict) -> list:
-        """Forward pre-hooks feeding each layer's input to its accumulator, capped at
-        num_samples examples per layer."""
-
-        def make_hook(name, module):
-            acc = accumulators[name]
-
-            def hook(mod, args):
-                # not traced: statistics stay outside graphs; and a copy of the layer (deepcopy
-                # of the model carries its hooks) feeds nothing
-                if torch.compiler.is_compiling() or mod is not module:
-                    return
-                if not mod.training and budget.get("training_only", False):
-                    return
-                x = args[0]
-                start = time.perf_counter()
-                if isinstance(mod, WhitenedConv2d) and x.dim() == 3:
-                    x = x.unsqueeze(0)
-                examples = x.shape[0] if x.dim() > 1 else 1
-                budget["seen"][name] = budget["seen"].get(name, 0) + examples
-                room = self.num_samples - budget["taken"].get(name, 0)
-                if room <= 0:
-                    return
-                x = x.detach()
-                if isinstance(mod, WhitenedLinear):
-                    x = x.reshape(-1, x.shape[-1])  # (N, *, in) -> rows
-                    per_example = x.shape[0] // max(examples, 1)
-                    x = x[: room * per_example]
-                else:
-                    x = x[:room]
-                budget["taken"][name] = budget["taken"].get(name, 0) + min(room, examples)
-                acc.update(x)
-                self._sync(x)
+        def hook(module, x):
+            # not traced: statistics stay outside graphs; and a copy of the layer (deepcopy
+            # of the model carries its hooks) feeds nothing
+            if torch.compiler.is_compiling() or module is not side.module:
+                return
+            if training_only and not module.training:
+                return
+            start = time.perf_counter()
+            if side.feed(window, x, self.num_samples):
                 self.timings["statistics"] += time.perf_counter() - start
 
-            return hook
+        return side.hook(hook)
 
-        return [m.register_forward_pre_hook(make_hook(n, m)) for n, m in self.layers.items()]
+    @property
+    def _window_open(self) -> bool:
+        return self._sides[0].window is not None  # the sides' windows open and close together
+
+    def _windows(self) -> list[Window | None]:
+        return [side.window for side in self._sides]
 
     def _open_window(self) -> None:
-        self._window = self._new_accumulators()
-        self._window_budget = {"seen": {}, "taken": {}, "training_only": True}
+        for side in self._sides:
+            side.window = side.new_window()
         self._window_steps = 0
-        self._handles = self._add_hooks(self._window, self._window_budget)
+        self._handles = [self._statistics_hook(side, side.window, True) for side in self._sides]
 
     def _close_window(self) -> None:
-        if self._window is None:
+        if not self._window_open:
             return
-        seen = max(self._window_budget["seen"].values(), default=0)
+        seen = max((side.window.seen or 0 for side in self._sides), default=0)
         if seen and self._window_steps:
             self._examples_per_step = seen / self._window_steps
         for h in self._handles:
             h.remove()
         self._handles = []
-        self._window = None
+        for side in self._sides:
+            side.window = None
 
     def _schedule_window(self) -> None:
         """Opens the window when the coming forward passes are among the last ones before the
         next re-whitening that are needed for num_samples examples."""
-        if self._window is not None:
+        if self._window_open:
             return
         due = -(-self._step // self.interval) * self.interval  # next multiple >= step
         per_step = self._examples_per_step or self.num_samples
@@ -360,57 +313,19 @@ class Prong:
         if due - self._step < needed:
             self._open_window()
 
-    def _gather(self, data) -> dict[str, ops.CovarianceAccumulator]:
-        """One forward pass over `data` (no grad) feeding fresh accumulators; restores buffers,
+    def _gather(self, data) -> list[Window]:
+        """One forward pass over `data` (no grad) feeding fresh windows; restores buffers,
         training mode and RNG afterwards."""
         if isinstance(data, torch.Tensor):
             data = [data]
-        accumulators = self._new_accumulators()
-        budget = {"seen": {}, "taken": {}}
-        device = next((p.device for p in self.model.parameters()), None)
-        saved_buffers = {
-            n: b.clone() for n, b in self.model.named_buffers() if not _is_whitening_buffer(n, self.layers)
-        }
-        training = {m: m.training for m in self.model.modules()}
-        rng = torch.random.get_rng_state()
-        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-        handles = self._add_hooks(accumulators, budget)
-        window_handles, self._handles = self._handles, []
-        for h in window_handles:  # the training window must not see this pass
-            h.remove()
-        rescale_sums, self._rescale_sums = self._rescale_sums, {}  # nor the rescaling's sums
-        passed = 0
-        try:
-            with torch.no_grad():
-                for batch in data:
-                    x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                    if not isinstance(x, torch.Tensor):
-                        raise TypeError(
-                            "data must yield tensors or tuples whose first element is a "
-                            f"tensor, got {type(x)}"
-                        )
-                    x = x[: self.num_samples - passed]
-                    if device is not None and x.device != device:
-                        x = x.to(device)
-                    self._module(x)
-                    passed += x.shape[0]
-                    if passed >= self.num_samples:
-                        break
-        finally:
-            for h in handles:
-                h.remove()
-            if self._window is not None:
-                self._handles = self._add_hooks(self._window, self._window_budget)
-            self._rescale_sums = rescale_sums
-            with torch.no_grad():
-                named = dict(self.model.named_buffers())
-                for n, value in saved_buffers.items():
-                    named[n].copy_(value)
-            for m, mode in training.items():
-                m.training = mode
-            torch.random.set_rng_state(rng)
-            if cuda_rng is not None:
-                torch.cuda.set_rng_state_all(cuda_rng)
+        windows = [side.new_window() for side in self._sides]
+        with _model_state_kept(self.model, self.layers), self._window_paused():
+            handles = [self._statistics_hook(side, w, False) for side, w in zip(self._sides, windows)]
+            try:
+                passed = self._run(data)
+            finally:
+                for h in handles:
+                    h.remove()
         if passed == 0:
             raise ValueError("data gave no examples; reparametrize() needs at least one")
         if passed < self.num_samples:
@@ -419,100 +334,118 @@ class Prong:
                 "re-whitening from those",
                 stacklevel=3,
             )
-        return accumulators
+        return windows
+
+    @contextlib.contextmanager
+    def _window_paused(self):
+        """Neither the training window nor the rescaling's sums see the passes made inside."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        rescale_sums = [side.rescale_sums for side in self._sides]
+        for side in self._sides:
+            side.rescale_sums = None
+        try:
+            yield
+        finally:
+            if self._window_open:
+                self._handles = [self._statistics_hook(side, side.window, True) for side in self._sides]
+            for side, sums in zip(self._sides, rescale_sums):
+                side.rescale_sums = sums
+
+    def _run(self, data: Iterable) -> int:
+        """Runs the (unwrapped) model without gradients on data's batches until num_samples
+        examples have passed; returns how many did."""
+        device = next((p.device for p in self.model.parameters()), None)
+        passed = 0
+        with torch.no_grad():
+            for batch in data:
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                if not isinstance(x, torch.Tensor):
+                    raise TypeError(
+                        f"data must yield tensors or tuples whose first element is a tensor, got {type(x)}"
+                    )
+                x = x[: self.num_samples - passed]
+                if device is not None and x.device != device:
+                    x = x.to(device)
+                self._module(x)
+                passed += x.shape[0]
+                if passed >= self.num_samples:
+                    break
+        return passed
 
     def _group(self):
         return _dist.default_group(self.process_group)
 
     def _device(self) -> torch.device:
-        return next(iter(self.layers.values())).U.device
+        return self._sides[0].matrix.device
 
-    def _statistics(self, accumulators) -> dict[str, tuple]:
-        """(count, float64 mean, float64 covariance) per layer, of every rank's samples;
-        (0, None, None) for a layer without samples."""
-        stats = []
-        for name in self.layers:
-            acc = None if accumulators is None else accumulators.get(name)
-            if acc is None or acc.count == 0:
-                stats.append((0, None, None))
-            else:
-                mean, cov, count = acc.compute()
-                stats.append((count, mean, cov))
-        shapes = [layer.U.shape for layer in self.layers.values()]  # (C, C) or blocks (G, k, k)
-        merged = _dist.merge_statistics(stats, shapes, self._device(), self._group())
-        return dict(zip(self.layers, merged))
+    def _statistics(self, windows: list[Window | None]) -> list[tuple]:
+        """(count, float64 mean, float64 covariance) per side, of every rank's samples;
+        (0, None, None) for a side without samples."""
+        stats = [(0, None, None) if w is None else w.statistics() for w in windows]
+        shapes = [side.shape for side in self._sides]  # (C, C) or blocks (G, k, k)
+        return _dist.merge_statistics(stats, shapes, self._device(), self._group())
 
     # ------------------------------------------------------------------------------------------
     # Re-whitening
 
-    def _rewhiten(self, stats: dict[str, tuple]) -> None:
+    def _rewhiten(self, stats: list[tuple]) -> None:
         start = time.perf_counter()
-        names, means, mats, missing = [], [], [], []
-        for name, (count, mean, cov) in stats.items():
-            if count == 0:
-                missing.append(name)
-                continue
-            if self.layers[name].d is None:  # no bias to absorb a centre: whiten E[h h^T]
-                cov = cov + ops._outer(mean, mean, self.layers[name].groups)
-            names.append(name)
-            means.append(mean)
-            mats.append(cov)
-        if missing:
-            warnings.warn(
-                f"no statistics for layer(s) {missing} (no input reached them); they keep their whitening",
-                stacklevel=3,
-            )
-        finite = ops._all_finite(means + mats)  # one check of every layer's statistics
-        bad = [n for i, n in enumerate(names) if not (finite[i] and finite[len(names) + i])]
-        if bad:
-            raise ValueError(
-                f"non-finite input statistics (NaN or Inf in the inputs) of layer(s) {bad}; "
-                "no layer was changed"
-            )
-        self._sync(mats[0])
+        sides, means, mats = self._targets(stats)
+        synchronize(mats[0])
         self.timings["statistics"] += time.perf_counter() - start
 
         start = time.perf_counter()
-        results = self._whitening(names, mats, means)
-        failed = [n for n, r in zip(names, results) if r is None]
+        results = self._whitening(sides, mats, means)
+        failed = [side.name for side, r in zip(sides, results) if r is None]
         if failed:
             warnings.warn(
                 f"the eigendecomposition failed for layer(s) {failed}, also when retried in float64; "
                 "they keep their previous whitening",
                 stacklevel=3,
             )
-        kept = [(n, r) for n, r in zip(names, results) if r is not None]
-        self._sync(mats[0])
+        kept = [(side, r) for side, r in zip(sides, results) if r is not None]
+        synchronize(mats[0])
         self.timings["eigh"] += time.perf_counter() - start
 
         start = time.perf_counter()
-        # per layer: name, new {V, d, U, c}, old (U, c), U^-1
-        updates = [(n, *self._project(self.layers[n], mean, u, u_inv), u_inv) for n, (u, u_inv, mean) in kept]
-        checked = [(n, t) for n, new, _, _ in updates for t in new.values() if t is not None]
-        finite = ops._all_finite([t for _, t in checked])  # one check of every new parameter
-        bad = list(dict.fromkeys(n for (n, _), ok in zip(checked, finite) if not ok))
-        if bad:
-            raise ValueError(
-                f"re-whitening gave non-finite parameters for layer(s) {bad}; no layer was changed"
-            )
-        moments = [self._transform_moments(n, new, old) for n, new, old, _ in updates]
-        with torch.no_grad():
-            for (name, new, _, u_inv), moment in zip(updates, moments):
-                layer = self.layers[name]
-                for attr, value in new.items():
-                    if value is not None:
-                        getattr(layer, attr).copy_(value)
-                self._apply_moments(layer, moment)
-                # U^-1 for the next transform of the moments, valid while U stays as written
-                self._u_inv[name] = (layer.U.clone(), u_inv)
-        self._sync(mats[0])
+        self._reproject(kept)
+        synchronize(mats[0])
         self.timings["projection"] += time.perf_counter() - start
         self.num_reparametrizations += 1
 
-    def _whitening(self, names: list[str], mats: list[torch.Tensor], means: list[torch.Tensor]) -> list:
-        """Per layer, [U, U^-1, mean] (float64), or None where the eigendecomposition failed.
+    def _targets(self, stats: list[tuple]) -> tuple[list[WhiteningState], list, list]:
+        """The sides with statistics, their means and the matrices to decompose, checked finite
+        (one check for all)."""
+        sides, means, mats, missing = [], [], [], []
+        for side, (count, mean, cov) in zip(self._sides, stats):
+            if count == 0:
+                missing.append(side.name)
+                continue
+            sides.append(side)
+            means.append(mean)
+            mats.append(side.target(mean, cov))
+        if missing:
+            warnings.warn(
+                f"no statistics for layer(s) {missing} (no input reached them); they keep their whitening",
+                stacklevel=4,
+            )
+        finite = ops._all_finite(means + mats)
+        bad = [side.name for i, side in enumerate(sides) if not (finite[i] and finite[len(sides) + i])]
+        if bad:
+            raise ValueError(
+                f"non-finite input statistics (NaN or Inf in the inputs) of layer(s) {bad}; "
+                "no layer was changed"
+            )
+        return sides, means, mats
 
-        In a process group each rank computes the layers assign_by_cost gives it and
+    def _whitening(
+        self, sides: list[WhiteningState], mats: list[torch.Tensor], means: list[torch.Tensor]
+    ) -> list:
+        """Per side, [U, U^-1, mean] (float64), or None where the eigendecomposition failed.
+
+        In a process group each rank computes the sides assign_by_cost gives it and
         broadcasts them (the mean too, so c is the owner's bitwise).
         """
         group = self._group()
@@ -520,165 +453,64 @@ class Prong:
         owners = assign_by_cost(
             [m.shape[-1] for m in mats], size, [m.shape[0] if m.dim() == 3 else 1 for m in mats]
         )
-        self.eigh_owners = dict(zip(names, owners))
+        for side in self._sides:
+            side.owner = None
+        for side, owner in zip(sides, owners):
+            side.owner = owner
         mine = [i for i, owner in enumerate(owners) if owner == rank]
         results: list = [None] * len(mats)
-        for i, pair in zip(mine, self._eigh([mats[i] for i in mine])):
+        for i, pair in zip(mine, whitening_pairs([mats[i] for i in mine], self.eps, self.whitening)):
             results[i] = None if pair is None else [*pair, means[i]]
         shapes = [[m.shape, m.shape, mean.shape] for m, mean in zip(mats, means)]
         return _dist.share_results(results, shapes, owners, self._device(), group)
 
-    def _eigh(self, mats: list[torch.Tensor]) -> list:
-        """(U, U^-1) per matrix ((C, C) or (G, k, k) blocks), all blocks in one batched call;
-        a block that fails is retried alone in float64 on the torch path; None where that
-        fails too."""
-        blocks, spans = [], []
-        for m in mats:
-            parts = list(m.unbind(0)) if m.dim() == 3 else [m]
-            spans.append((len(blocks), len(parts)))
-            blocks.extend(parts)
-        if not blocks:
-            return []
-        try:
-            pairs = list(zip(*ops.whitening(blocks, self.eps, self.whitening)))
-        except RuntimeError:  # torch.linalg.LinAlgError and the extension's errors
-            pairs = [None] * len(blocks)
-        # one check of every block's U and U^-1
-        finite = iter(ops._all_finite([t for pair in pairs if pair is not None for t in pair]))
-        for i, pair in enumerate(pairs):
-            if pair is None or not all([next(finite) for _ in pair]):
-                pairs[i] = self._retry_eigh(blocks[i])
-        out = []
-        for (first, count), m in zip(spans, mats):
-            part = pairs[first : first + count]
-            if any(p is None for p in part):
-                out.append(None)
-            elif m.dim() == 3:
-                out.append(tuple(torch.stack(t) for t in zip(*part)))
-            else:
-                out.append(part[0])
-        return out
-
-    def _retry_eigh(self, mat: torch.Tensor) -> tuple | None:
-        try:
-            (u,), (u_inv,) = ops.whitening([mat.double()], self.eps, self.whitening, backend="torch")
-        except RuntimeError:
-            return None
-        if not all(ops._all_finite([u, u_inv])):
-            return None
-        return u, u_inv
-
-    @staticmethod
-    def _project(layer: _Whitened, mean, u, u_inv) -> tuple[dict, tuple]:
-        """New {V, d, U, c} in float64 keeping W and b (docs/algorithm.md), and the old (U, c)."""
-        f64 = torch.float64
-        V, U_old = layer.V.detach().to(f64), layer.U.to(f64)
-        d = None if layer.d is None else layer.d.detach().to(f64)
-        c_old = None if d is None else layer.c.to(f64)
-        W, b = ops.fold(V, d, U_old, c_old)
-        c = mean if d is not None else torch.zeros_like(mean)
-        new_d = None if d is None else b + ops.centre_term(W, c)
-        return {"V": ops.mul_in(W, u_inv), "d": new_d, "U": u, "c": c}, (U_old, c_old)
-
-    def _transform_moments(self, name: str, new: dict, old: tuple) -> dict:
-        """New optimizer state for V and d (computed, not yet written)."""
-        layer = self.layers[name]
-        opt = self.optimizer
-        if opt is None or self.optimizer_state == "keep":
-            return {}
-        if self.optimizer_state == "reset":
-            return {"reset": True}
-        out = {}
-        f64 = torch.float64
-        u_old, c_old = old
-        u_inv_old = None
-        state_v = opt.state.get(layer.V, {})
-        state_d = opt.state.get(layer.d, {}) if layer.d is not None else {}
-        self._warn_untransformed(state_v, state_d)
-        for key in _FIRST_MOMENTS:
-            g_v = state_v.get(key)
-            if not isinstance(g_v, torch.Tensor):
-                continue
-            g_d = state_d.get(key)
-            g_d = g_d.to(f64) if isinstance(g_d, torch.Tensor) else None
-            if u_inv_old is None:
-                u_inv_old = self._old_u_inv(name, u_old)
-            # the covector in theta = (W, b): g_W = g_V U^-T + g_d c^T (at every tap), and back
-            # to the new coordinates: g_V' = (g_W - g_d c'^T) U'^T; g_d' = g_d
-            g_w = ops.mul_in(g_v.to(f64), u_inv_old.mT)
-            if g_d is not None:
-                g_w = g_w + ops.outer_taps(g_d, c_old, g_w) - ops.outer_taps(g_d, new["c"], g_w)
-            out[key] = ops.mul_in(g_w, new["U"].mT)
-        return out
-
-    def _warn_untransformed(self, *states: dict) -> None:
-        """Warns once per key about per-parameter optimizer state that no transform maps to the
-        new coordinates (RMSprop's square_avg, Adamax's exp_inf, Adagrad's sum, ...)."""
-        known = set(_FIRST_MOMENTS) | set(_SECOND_MOMENTS)
-        keys = {
-            key
-            for state in states
-            for key, value in state.items()
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and key not in known
-        }
-        new = sorted(keys - self._warned_state_keys)
-        if new:
-            self._warned_state_keys.update(new)
-            warnings.warn(
-                f"Prong cannot transform the optimizer state {new} of {type(self.optimizer).__name__} to "
-                "the new coordinates and keeps it as it is; its first moments "
-                f"{list(_FIRST_MOMENTS)} are transformed. optimizer_state='reset' drops the "
-                "whitened parameters' state at every re-whitening instead",
-                stacklevel=2,
+    def _reproject(self, kept: list[tuple]) -> None:
+        """Projects every kept side's layer to its new whitening and moves the optimizer state,
+        after checking every new parameter finite (one check for all; nothing is written if one
+        is not)."""
+        # per side: the side, its layer's new {V, d, U, c}, the old (U, c), U^-1
+        updates = [
+            (side, *self._project(side.module, mean, u, u_inv), u_inv) for side, (u, u_inv, mean) in kept
+        ]
+        checked = [(side.name, t) for side, new, _, _ in updates for t in new.values() if t is not None]
+        finite = ops._all_finite([t for _, t in checked])
+        bad = list(dict.fromkeys(n for (n, _), ok in zip(checked, finite) if not ok))
+        if bad:
+            raise ValueError(
+                f"re-whitening gave non-finite parameters for layer(s) {bad}; no layer was changed"
             )
-
-    def _old_u_inv(self, name: str, u_old: torch.Tensor) -> torch.Tensor:
-        """U^-1 of the layer's current U: the one from the eigenpairs of the last re-whitening
-        (or rescaling) while U is still what was written then, else inverted."""
-        cached = self._u_inv.get(name)
-        if cached is not None and torch.equal(cached[0], self.layers[name].U):
-            return cached[1]
-        return torch.linalg.inv(u_old)
-
-    def _apply_moments(self, layer: _Whitened, moment: dict) -> None:
-        opt = self.optimizer
-        if not moment:
-            return
-        if moment.get("reset"):
-            opt.state.pop(layer.V, None)
-            if layer.d is not None:
-                opt.state.pop(layer.d, None)
-            return
-        for key, value in moment.items():
-            opt.state[layer.V][key].copy_(value)
+        moments = [
+            _reparam.moved_moments(
+                self.optimizer,
+                self.optimizer_state,
+                side.module,
+                new,
+                old,
+                side.inverse,
+                self._warned_state_keys,
+            )
+            for side, new, old, _ in updates
+        ]
+        with torch.no_grad():
+            for (side, new, _, u_inv), moment in zip(updates, moments):
+                _reparam.write(side.module, new, self.optimizer, moment)
+                # U^-1 for the next transform of the moments, valid while U stays as written
+                side.remember(u_inv)
 
     # ------------------------------------------------------------------------------------------
     # Diagonal rescaling
 
-    def _rescale_hook(self, name: str):
-        """Forward pre-hook summing (U (h - c))_j^2 over the rows of training inputs."""
+    def _rescale_hook(self, side: WhiteningState):
+        """A hook adding the side's training samples to its rescaling sums."""
 
-        def hook(mod, args):
-            if not mod.training or torch.compiler.is_compiling() or mod is not self.layers[name]:
+        def hook(module, x):
+            if not module.training or torch.compiler.is_compiling() or module is not side.module:
                 return
             start = time.perf_counter()
-            x = args[0].detach()
-            if isinstance(mod, WhitenedConv2d):  # (N, C, H, W) or (C, H, W): channels last
-                x = x.movedim(-3, -1)
-            rows = x.reshape(-1, mod.num_features)
-            with torch.no_grad(), ops._full_precision(rows.device):
-                dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
-                u = mod.U.to(dtype)
-                blocks = u.shape[0] if u.dim() == 3 else 1
-                u = u.view(blocks, -1, u.shape[-1])
-                centred = (rows.to(dtype) - mod.c.to(dtype)).view(rows.shape[0], blocks, -1)
-                z = torch.einsum("mgi,gji->mgj", centred, u)
-                sums = z.square().sum(0, dtype=torch.float64).flatten()
-            count, total = self._rescale_sums.get(name, (0, 0))
-            self._rescale_sums[name] = (count + rows.shape[0], total + sums)
+            side.add_rescale_rows(x)
             self.timings["statistics"] += time.perf_counter() - start
 
-        return hook
+        return side.hook(hook)
 
     def _apply_rescale(self) -> None:
         """Every row u_j of every layer's U divided by (E[(u_j (h - c))^2] + eps |u_j|^2)^1/2,
@@ -692,25 +524,20 @@ class Prong:
         row keeps |u_j| <= eps^-1/2, the trust region of the re-whitening."""
         device = self._device()
         counts, sums = [], []
-        for name, layer in self.layers.items():
-            count, total = self._rescale_sums.get(name, (0, None))
+        for side in self._sides:
+            count, total = side.rescale_sums or (0, None)
             counts.append(float(count))
             if total is None:
-                total = torch.zeros(layer.num_features, dtype=torch.float64, device=device)
+                total = torch.zeros(side.num_features, dtype=torch.float64, device=device)
             sums.append(total)
-        group = self._group()
-        if group is not None:  # every rank applies the same D
-            packed = torch.cat([torch.tensor(counts, dtype=torch.float64, device=device), *sums])
-            torch.distributed.all_reduce(packed, group=group)
-            counts = packed[: len(counts)].tolist()
-            sums = list(packed[len(counts) :].split([t.numel() for t in sums]))
-        ratios = {}
-        for name, count, total in zip(self.layers, counts, sums):
-            if not count:
-                continue
-            row_norms = self.layers[name].U.double().square().sum(-1).flatten()
-            ratios[name] = (total / count + self.eps * row_norms).rsqrt()
-        bad = [n for n, ok in zip(ratios, ops._all_finite(list(ratios.values()))) if not ok]
+        # every rank applies the same D
+        counts, sums = _dist.sum_over_ranks(counts, sums, device, self._group())
+        ratios = [
+            (side, side.rescale_ratio(count, total, self.eps))
+            for side, count, total in zip(self._sides, counts, sums)
+            if count
+        ]
+        bad = [side.name for (side, _), ok in zip(ratios, ops._all_finite([r for _, r in ratios])) if not ok]
         if bad:
             raise ValueError(
                 f"non-finite input statistics (NaN or Inf in the inputs) of layer(s) {bad} while "
@@ -718,29 +545,10 @@ class Prong:
             )
         transform = self.optimizer is not None and self.optimizer_state != "keep"
         with torch.no_grad():
-            for name, ratio in ratios.items():
-                layer = self.layers[name]
-                cached = self._u_inv.get(name)
-                cached = cached if cached is not None and torch.equal(cached[0], layer.U) else None
-                by_row = ratio.view(*layer.U.shape[:-1], 1)  # U's rows: (C, 1) or (G, k, 1)
-                layer.U.mul_(by_row.to(layer.U.dtype))
-                columns = ops.outer_taps(ratio.new_ones(layer.V.shape[0]), ratio, layer.V)
-                layer.V.div_(columns.to(layer.V.dtype))
+            for side, ratio in ratios:
+                factor = side.rescale(ratio)
                 if transform:
-                    state = self.optimizer.state.get(layer.V, {})
-                    for key in _FIRST_MOMENTS + _SECOND_MOMENTS:
-                        if isinstance(state.get(key), torch.Tensor):
-                            power = 2 if key in _SECOND_MOMENTS else 1
-                            state[key].mul_(columns.pow(power).to(state[key].dtype))
-                if cached is None:
-                    self._u_inv.pop(name, None)
-                else:  # (D U)^-1 = U^-1 D^-1: U^-1's columns
-                    self._u_inv[name] = (layer.U.clone(), cached[1] / by_row.mT)
-
-    @staticmethod
-    def _sync(t: torch.Tensor) -> None:
-        if t.is_cuda:
-            torch.cuda.synchronize(t.device)
+                    _reparam.scale_moments(self.optimizer, side.module, factor)
 
     # ------------------------------------------------------------------------------------------
     # Checkpoints
@@ -750,6 +558,12 @@ class Prong:
         for the next transform of the optimizer state, keyed by layer name: a run resumed from
         it (with the model's and the optimizer's state dicts) continues bitwise as the
         uninterrupted one on the CPU."""
+        entries = [(side.name, side.state_dict()) for side in self._sides]
+
+        def by_layer(key):
+            return {name: entry[key] for name, entry in entries if key in entry}
+
+        window = {"steps": self._window_steps, **{key: by_layer(key) for key in _WINDOW_KEYS}}
         return {
             "step": self._step,
             "initialized": self._initialized,
@@ -762,40 +576,14 @@ class Prong:
             "num_reparametrizations": self.num_reparametrizations,
             "timings": dict(self.timings),
             "rescale": self.rescale,
-            "u_inv": {n: (u, u_inv) for n, (u, u_inv) in self._u_inv.items()},
-            "rescale_sums": dict(self._rescale_sums),
-            "window": None
-            if self._window is None
-            else {
-                "steps": self._window_steps,
-                "seen": dict(self._window_budget["seen"]),
-                "taken": dict(self._window_budget["taken"]),
-                "stats": {n: a.state_dict() for n, a in self._window.items()},
-            },
+            **{key: by_layer(key) for key in _SIDE_KEYS},
+            "window": window if self._window_open else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Restores what state_dict() returned, its tensors moved to each layer's device; the
         layer names and the rescale option must match."""
-        window = state.get("window")
-        if window is not None and set(window["stats"]) != set(self.layers):
-            raise ValueError(
-                f"state_dict's layers {sorted(window['stats'])} do not match this Prong's "
-                f"{sorted(self.layers)}"
-            )
-        for key in ("u_inv", "rescale_sums"):
-            unknown = set(state.get(key, {})) - set(self.layers)
-            if unknown:
-                raise ValueError(f"state_dict {key!r}: layer(s) {sorted(unknown)} unknown to this Prong")
-        if bool(state.get("rescale", False)) != self.rescale:
-            raise ValueError(
-                f"state_dict has rescale={state.get('rescale', False)} but this Prong has "
-                f"rescale={self.rescale}; construct it with the same option"
-            )
-
-        def here(name, value):  # to the layer's device
-            return _to_device(value, self.layers[name].U.device)
-
+        self._check_state(state)
         changed = [
             f"{key}={state[key]!r} (constructed with {getattr(self, key)!r})"
             for key in _HYPERPARAMETERS
@@ -817,27 +605,116 @@ class Prong:
         self._examples_per_step = state["examples_per_step"]
         self.num_reparametrizations = int(state["num_reparametrizations"])
         self.timings = dict(state["timings"])
-        self._u_inv = {n: here(n, pair) for n, pair in state.get("u_inv", {}).items()}
-        self._rescale_sums = {n: here(n, sums) for n, sums in state.get("rescale_sums", {}).items()}
+        window = state.get("window")
         if window is not None:
             self._open_window()
             self._window_steps = int(window["steps"])
-            self._window_budget["seen"].update(window["seen"])
-            self._window_budget["taken"].update(window["taken"])
-            for name, acc_state in window["stats"].items():
-                self._window[name].load_state_dict(here(name, acc_state))
-        else:
+        for side in self._sides:
+            sections = [(key, state.get(key, {})) for key in _SIDE_KEYS]
+            sections += [(key, window[key]) for key in _WINDOW_KEYS] if window is not None else []
+            side.load_state_dict({key: part[side.name] for key, part in sections if side.name in part})
+        if window is None:
             self._schedule_window()
 
+    def _check_state(self, state: dict) -> None:
+        """Raises a ValueError where a state_dict does not fit this Prong's layers or options."""
+        window = state.get("window")
+        if window is not None and set(window["stats"]) != set(self.layers):
+            raise ValueError(
+                f"state_dict's layers {sorted(window['stats'])} do not match this Prong's "
+                f"{sorted(self.layers)}"
+            )
+        for key in _SIDE_KEYS:
+            unknown = set(state.get(key, {})) - set(self.layers)
+            if unknown:
+                raise ValueError(f"state_dict {key!r}: layer(s) {sorted(unknown)} unknown to this Prong")
+        if bool(state.get("rescale", False)) != self.rescale:
+            raise ValueError(
+                f"state_dict has rescale={state.get('rescale', False)} but this Prong has "
+                f"rescale={self.rescale}; construct it with the same option"
+            )
 
-def _to_device(value, device):
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to_device(v, device) for v in value)
-    return value
+
+def _check_arguments(
+    interval, num_samples, eps, whitening, optimizer_state, max_features, optimizer, rescale
+) -> None:
+    """Raises on a configuration Prong cannot run."""
+    if not isinstance(interval, int) or interval < 1:
+        raise ValueError(f"{interval=} must be an int >= 1")
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"{num_samples=} must be an int >= 1")
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"{eps=} must be a finite number > 0")
+    if whitening not in ("pca", "zca"):
+        raise ValueError(f"{whitening=} must be 'pca' or 'zca'")
+    if optimizer_state not in ("transform", "reset", "keep"):
+        raise ValueError(f"{optimizer_state=} must be 'transform', 'reset' or 'keep'")
+    if not isinstance(max_features, int) or max_features < 1:
+        raise ValueError(f"{max_features=} must be an int >= 1")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
+    if not isinstance(rescale, bool):
+        raise TypeError(f"{rescale=} must be a bool")
+
+
+def _select_layers(model: nn.Module, max_features: int) -> dict[str, _Whitened]:
+    """The model's whitened layers Prong can re-whiten, by name; warns about those it leaves (wider
+    than max_features, or with parameters other modules hold too)."""
+    whitened = [(n, m) for n, m in model.named_modules() if isinstance(m, _Whitened)]
+    if not whitened:
+        raise ValueError(
+            "the model has no whitened layer (WhitenedLinear / WhitenedConv2d); "
+            "convert it with prong_ext.whiten(model) first"
+        )
+    layers, too_wide, tied = {}, [], []
+    tied_ids = tied_parameters(model)
+    for name, module in whitened:
+        if module.num_features > max_features:
+            too_wide.append(f"{name or '<model>'} ({module.num_features})")
+        elif any(id(p) in tied_ids for p in (module.V, module.d) if p is not None):
+            tied.append(" = ".join(next(tied_ids[id(p)] for p in (module.V, module.d) if id(p) in tied_ids)))
+        else:
+            layers[name] = module
+    if too_wide:
+        warnings.warn(
+            f"Prong leaves {len(too_wide)} layer(s) wider than {max_features=} unwhitened: "
+            + ", ".join(too_wide),
+            stacklevel=3,
+        )
+    if tied:
+        warnings.warn(
+            f"Prong leaves {len(tied)} whitened layer(s) whose parameters other modules hold too "
+            "(tied weights) as they are, since re-whitening rewrites V and d: " + "; ".join(tied),
+            stacklevel=3,
+        )
+    if not layers:
+        raise ValueError(
+            "none of the model's whitened layers can be re-whitened (all are wider than "
+            "max_features or have tied parameters)"
+        )
+    return layers
+
+
+@contextlib.contextmanager
+def _model_state_kept(model: nn.Module, layers: dict):
+    """Restores on exit the model's buffers (but the whitening buffers U and c of `layers`),
+    every module's training mode and the RNG states."""
+    saved_buffers = {n: b.clone() for n, b in model.named_buffers() if not _is_whitening_buffer(n, layers)}
+    training = {m: m.training for m in model.modules()}
+    rng = torch.random.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            named = dict(model.named_buffers())
+            for n, value in saved_buffers.items():
+                named[n].copy_(value)
+        for m, mode in training.items():
+            m.training = mode
+        torch.random.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
 
 
 def _is_whitening_buffer(name: str, layers: dict) -> bool:
