@@ -7,8 +7,9 @@
 
 With compiled Triton (the normal case) the ops are `torch.library.triton_op`s: CUDA tensors launch
 the kernels through `wrap_triton`, so torch.compile sees the kernels themselves; tensors on other
-devices take a plain torch path. Under the Triton interpreter (TRITON_INTERPRET=1, kernels run on
-CPU tensors) they are `torch.library.custom_op`s calling the launchers, with explicit fakes.
+devices take the torch path (prong_ext._common's fold, at the kernels' accumulation dtype). Under
+the Triton interpreter (TRITON_INTERPRET=1, kernels run on CPU tensors) they are
+`torch.library.custom_op`s calling the launchers, with explicit fakes.
 
 Registration is fragment-style only: the C++ extension may define other ops of the namespace.
 
@@ -25,11 +26,13 @@ import torch
 from torch import Tensor
 from triton.runtime.jit import JITFunction
 
-from .ops import _full_precision
-from .triton_kernels.covariance import _cov_accum_kernel, cov_accumulate_launch
+from . import _common
+from ._common import full_precision
+from .triton_kernels.covariance import cov_accum_kernel, cov_accumulate_launch
 from .triton_kernels.whiten_conv import (
-    _fold_bwd_kernel,
-    _fold_kernel,
+    accumulates_in_f64,
+    fold_bwd_kernel,
+    fold_kernel,
     fold_weights_backward_launch,
     fold_weights_launch,
 )
@@ -37,7 +40,7 @@ from .triton_kernels.whiten_conv import (
 __all__ = ["cov_accumulate", "fold", "fold_backward", "INTERPRETED"]
 
 #: True when the kernels were defined under TRITON_INTERPRET=1 (they then run on CPU tensors).
-INTERPRETED = not isinstance(_fold_kernel, JITFunction)
+INTERPRETED = not isinstance(fold_kernel, JITFunction)
 
 _COV_SCHEMA = "(Tensor x, Tensor shift, Tensor(a!) s1, Tensor(b!) s2, bool allow_tf32=False) -> ()"
 _FOLD_SCHEMA = "(Tensor V, Tensor? d, Tensor U, Tensor c) -> (Tensor, Tensor)"
@@ -48,32 +51,26 @@ _FOLD_BWD_SCHEMA = "(Tensor gW, Tensor gb, Tensor U, Tensor c) -> (Tensor, Tenso
 
 
 def _acc_dtype(*ts: Tensor | None) -> torch.dtype:
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in ts) else torch.float32
+    """The fold kernels' accumulation dtype for these inputs."""
+    return torch.float64 if accumulates_in_f64(*ts) else torch.float32
 
 
 def _cov_torch(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor) -> None:
-    rows = x.movedim(1, -1).reshape(-1, x.shape[1]) if x.dim() == 4 else x
-    y = rows.to(torch.float32) - shift
+    y = _common.rows(x).to(torch.float32) - shift
     s1.add_(y.sum(0))
     s2.add_(y.T @ y)
 
 
 def _fold_torch(V: Tensor, d: Tensor | None, U: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     acc = _acc_dtype(V, d, U, c)
-    W = torch.einsum("oj...,ji->oi...", V.to(acc), U.to(acc))
-    b = -(V.to(acc).flatten(2).sum(2) if V.dim() == 4 else V.to(acc)) @ (U.to(acc) @ c.to(acc))
-    if d is not None:
-        b = b + d.to(acc)
-    return W.to(V.dtype).contiguous(), b.to(V.dtype)
+    W, b = _common.fold(V.to(acc), None if d is None else d.to(acc), U.to(acc), c.to(acc))
+    return W.to(V.dtype), b.to(V.dtype)
 
 
 def _fold_backward_torch(gW: Tensor, gb: Tensor, U: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     acc = _acc_dtype(gW, gb, U, c)
-    shape = (-1, 1, 1, 1) if gW.dim() == 4 else (-1, 1)
-    cc = c.to(acc).reshape((1, -1) + (1,) * (gW.dim() - 2))
-    a = gW.to(acc) - gb.to(acc).reshape(shape) * cc
-    gV = torch.einsum("oi...,ji->oj...", a, U.to(acc))
-    return gV.to(gW.dtype).contiguous(), gb.clone()
+    gV, _ = _common.fold_backward(gW.to(acc), gb.to(acc), U.to(acc), c.to(acc))
+    return gV.to(gW.dtype), gb.clone()
 
 
 # --- the op bodies ----------------------------------------------------------------------------
@@ -97,7 +94,7 @@ def _cov_accumulate_impl(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor, allow
     if not _runs_triton(x):
         _cov_torch(x, shift, s1, s2)
         return
-    _launch(_cov_accum_kernel, *launch)
+    _launch(cov_accum_kernel, *launch)
 
 
 def _fold_impl(V: Tensor, d: Tensor | None, U: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
@@ -107,7 +104,7 @@ def _fold_impl(V: Tensor, d: Tensor | None, U: Tensor, c: Tensor) -> tuple[Tenso
     if not _runs_triton(V):
         return _fold_torch(V, d, U, c)
     if launch is not None:
-        _launch(_fold_kernel, *launch)
+        _launch(fold_kernel, *launch)
     return W, b
 
 
@@ -117,7 +114,7 @@ def _fold_backward_impl(gW: Tensor, gb: Tensor, U: Tensor, c: Tensor) -> tuple[T
     launch = fold_weights_backward_launch(gW, gb, U, c, gV, gd)  # validates
     if not _runs_triton(gW) or launch is None:
         return _fold_backward_torch(gW, gb, U, c)
-    _launch(_fold_bwd_kernel, *launch)
+    _launch(fold_bwd_kernel, *launch)
     return gV, gd
 
 
@@ -174,7 +171,7 @@ def _fold_autograd(ctx, gW: Tensor | None, gb: Tensor | None):
         gW = torch.zeros(shape, dtype=dtype, device=device)
     if gb is None:
         gb = torch.zeros(shape[0], dtype=dtype, device=device)
-    with _full_precision(gW.device):
+    with full_precision(gW.device):
         gV, gd = torch.ops.prong_ext.fold_backward(gW, gb, U, c)
     return gV, (gd if ctx.has_d else None), None, None
 
@@ -191,7 +188,7 @@ def _fold_backward_autograd(ctx, ggV: Tensor | None, ggd: Tensor | None):
     shape, dtype, device = ctx.g_meta
     if ggV is None:
         ggV = torch.zeros(shape, dtype=dtype, device=device)
-    with _full_precision(ggV.device):
+    with full_precision(ggV.device):
         ggW, ggb = torch.ops.prong_ext.fold(ggV, ggd, U, c)
     return ggW, ggb, None, None
 
@@ -212,7 +209,7 @@ def cov_accumulate(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor, *, allow_tf
         shift: (C,) float32. s1: (C,) float32. s2: (C, C) float32, symmetric.
         allow_tf32: TF32 products on CUDA (float32 accumulation either way).
     """
-    with _full_precision(x.device):
+    with full_precision(x.device):
         torch.ops.prong_ext.cov_accumulate(x, shift, s1, s2, allow_tf32)
 
 
@@ -229,11 +226,11 @@ def fold(V: Tensor, d: Tensor | None, U: Tensor, c: Tensor) -> tuple[Tensor, Ten
     Returns:
         W (V's shape, contiguous, V's dtype) and b ((O,), V's dtype).
     """
-    with _full_precision(V.device):
+    with full_precision(V.device):
         return torch.ops.prong_ext.fold(V, d, U, c)
 
 
 def fold_backward(gW: Tensor, gb: Tensor, U: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     """gV[o, j, t] = sum_i (gW[o, i, t] - gb[o] c[i]) U[j, i] and gd = gb (a copy)."""
-    with _full_precision(gW.device):
+    with full_precision(gW.device):
         return torch.ops.prong_ext.fold_backward(gW, gb, U, c)

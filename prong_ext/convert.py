@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .nn import WhitenedConv2d, WhitenedLinear, _Whitened
+from .nn import WhitenedConv2d, WhitenedLayer, WhitenedLinear
 
 __all__ = ["named_parameters", "tied_parameters", "unwhiten", "whiten"]
 
@@ -140,7 +140,7 @@ def named_parameters(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, 
     Yields:
         (name, parameter), each parameter once, as model.named_parameters() does.
     """
-    whitened = {name for name, m in model.named_modules() if isinstance(m, _Whitened)}
+    whitened = {name for name, m in model.named_modules() if isinstance(m, WhitenedLayer)}
     renames = {"V": "weight", "d": "bias"}
     for name, param in model.named_parameters():
         module, _, attr = name.rpartition(".")

@@ -25,10 +25,10 @@ from torch.nn.modules.utils import _pair
 
 from . import ops
 
-__all__ = ["WhitenedConv2d", "WhitenedLinear"]
+__all__ = ["WhitenedConv2d", "WhitenedLayer", "WhitenedLinear"]
 
 
-class _Whitened(nn.Module):
+class WhitenedLayer(nn.Module):
     """What both whitened layers share: the buffers, the canonical parameters, the init."""
 
     V: nn.Parameter
@@ -179,7 +179,7 @@ class _CanonicalTensor(torch.Tensor):
     """
 
     @staticmethod
-    def __new__(cls, data: torch.Tensor, layer: _Whitened, role: str, base: torch.Tensor | None = None):
+    def __new__(cls, data: torch.Tensor, layer: WhitenedLayer, role: str, base: torch.Tensor | None = None):
         t = torch.Tensor._make_subclass(cls, data)
         t._layer = weakref.ref(layer)
         t._role = role
@@ -230,7 +230,7 @@ def _wrap_views(result, sources: list):
     return result
 
 
-class WhitenedLinear(_Whitened):
+class WhitenedLinear(WhitenedLayer):
     """z = V U (x - c) + d, a drop-in replacement of nn.Linear.
 
     Args:
@@ -268,7 +268,7 @@ class WhitenedLinear(_Whitened):
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
-class WhitenedConv2d(_Whitened):
+class WhitenedConv2d(WhitenedLayer):
     """conv(U (pad(h) - c), V) + d, a drop-in replacement of nn.Conv2d.
 
     The whitening is across feature maps: U is (C_in, C_in) and c has C_in entries. Padding,
@@ -359,3 +359,7 @@ class WhitenedConv2d(_Whitened):
         if self.padding_mode != "zeros":
             s += f", padding_mode={self.padding_mode}"
         return s
+
+
+# The name prong.py imports; WhitenedLayer is the same class.
+_Whitened = WhitenedLayer

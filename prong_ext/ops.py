@@ -14,6 +14,17 @@ was built without CUDA: the message gives the command that rebuilds it).
 Conventions (docs/algorithm.md): a whitened layer computes z = V U (h - c) + d; its canonical parameters are
 W = V U (for convs, at every tap) and b = d - W c (summed over taps).
 
+Where each piece is:
+- statistics (mean and covariance of layer inputs): CovarianceAccumulator and covariance here; the
+  Triton op prong_ext::cov_accumulate in _triton_ops.py (kernel: triton_kernels/covariance.py);
+- eigendecompositions and whitening matrices: batched_eigh and whitening here (torch path); the
+  compiled ops in _extension.py (csrc/);
+- the fold W = V U, b = d - W c and the whitened layers: fold, whitened_linear, whitened_conv2d
+  here (dispatch; the torch form and the weight-shaped products mul_in, centre_term, outer_taps,
+  taps_sum are _common.py's, exported here); the Triton op prong_ext::fold and its backward in
+  _triton_ops.py (kernels: triton_kernels/whiten_conv.py);
+- the naive forms of all of these, the tests' oracle: reference.py.
+
 Grouped convolutions (groups G > 1) whiten block-diagonally: the input's C channels form G blocks
 of k = C / G, U is (G, k, k) (block g acts on channels g*k..(g+1)*k-1) and output channel o, of
 group g(o) = o // (C_out / G), sees only its block: W[o] = V[o] U[g(o)], b[o] = d[o] - W[o] c_g(o).
@@ -25,13 +36,24 @@ linear or conv runs under autocast as the plain layer's would.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 
-from . import _extension, reference
+from . import _common, _extension
+from ._common import (
+    all_finite,
+    centre_term,
+    conv_padding,
+    finalize,
+    full_precision,
+    mul_in,
+    outer,
+    outer_taps,
+    rows,
+    taps_sum,
+)
 
 __all__ = [
     "CovarianceAccumulator",
@@ -39,6 +61,7 @@ __all__ = [
     "centre_term",
     "covariance",
     "fold",
+    "fold_is_cheaper",
     "mul_in",
     "outer_taps",
     "taps_sum",
@@ -57,8 +80,10 @@ def _check_backend(backend: str, allowed: tuple[str, ...], op: str) -> None:
         raise ValueError(f"{op} has no {backend!r} backend; choose one of {allowed}")
 
 
-def _triton_ops():
-    """prong_ext._triton_ops, or None when Triton (or its kernels) cannot be imported."""
+def _triton_backend():
+    """The module prong_ext._triton_ops, imported at the first use (so that its kernels are
+    defined after the caller chose TRITON_INTERPRET), or None when Triton or its kernels cannot
+    be imported."""
     try:
         from . import _triton_ops
     except ImportError:
@@ -68,7 +93,7 @@ def _triton_ops():
 
 def _use_triton(backend: str, *tensors: torch.Tensor) -> bool:
     if backend == "triton":
-        triton_ops = _triton_ops()
+        triton_ops = _triton_backend()
         if triton_ops is None:
             raise RuntimeError("backend='triton' was requested but Triton is not installed")
         off_gpu = sorted({str(t.device) for t in tensors if not t.is_cuda})
@@ -80,7 +105,7 @@ def _use_triton(backend: str, *tensors: torch.Tensor) -> bool:
             )
         return True
     if backend == "auto":
-        return all(t.is_cuda for t in tensors) and _triton_ops() is not None
+        return all(t.is_cuda for t in tensors) and _triton_backend() is not None
     return False
 
 
@@ -112,14 +137,6 @@ def _use_extension(backend: str, tensors: list[torch.Tensor]) -> bool:
     return True
 
 
-def _full_precision(device: torch.device):
-    """A context that turns autocast off for `device`'s type (a no-op outside autocast), so that
-    what runs inside keeps its inputs' dtypes (float32 parameters stay float32)."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
 # ---------------------------------------------------------------------------------------------
 # Statistics
 
@@ -129,13 +146,6 @@ def _check_groups(num_features: int, groups: int) -> int:
     if not isinstance(groups, int) or groups < 1 or num_features % groups:
         raise ValueError(f"{groups=} must be a positive int dividing {num_features=}")
     return num_features // groups
-
-
-def _outer(a: torch.Tensor, b: torch.Tensor, groups: int) -> torch.Tensor:
-    """a b^T (C, C) for groups == 1; its G diagonal (k, k) blocks (G, k, k) otherwise."""
-    if groups == 1:
-        return torch.outer(a, b)
-    return a.view(groups, -1, 1) * b.view(groups, 1, -1)
 
 
 class CovarianceAccumulator:
@@ -206,8 +216,8 @@ class CovarianceAccumulator:
                 f"backend='triton' takes float32 products of float32/16 inputs, got a {x.dtype} "
                 f"input with dtype={self.dtype}"
             )
-        with _full_precision(x.device):
-            if self._triton_state is not None and (self.backend == "torch" or _triton_ops() is None):
+        with full_precision(x.device):
+            if self._triton_state is not None and (self.backend == "torch" or _triton_backend() is None):
                 self._settle_triton()  # a restored Triton state continued on the torch path
             if self._triton_state is not None or (
                 self.count == 0 and triton_ok and _use_triton(self.backend, x)
@@ -231,7 +241,7 @@ class CovarianceAccumulator:
         c = self.num_features
         if self._triton_state is None:
             f64 = {"device": x.device, "dtype": torch.float64}
-            first = reference._rows(x[:1])[0].float()
+            first = rows(x[:1])[0].float()
             shift, s1, s2 = first, torch.zeros(c, **f64), torch.zeros(c, c, **f64)
         else:  # about shift + delta: s1 - n delta and s2 - s1 delta^T - delta s1^T + n delta delta^T
             old, s1, s2 = self._triton_state
@@ -241,7 +251,7 @@ class CovarianceAccumulator:
             s1 = s1 - self.count * delta
         b1 = torch.zeros(c, device=x.device, dtype=torch.float32)
         b2 = torch.zeros(c, c, device=x.device, dtype=torch.float32)
-        _triton_ops().cov_accumulate(x, shift, b1, b2)
+        _triton_backend().cov_accumulate(x, shift, b1, b2)
         self._triton_state = (shift, s1 + b1.double(), s2 + b2.double())
         self.count += x.numel() // c
 
@@ -259,7 +269,7 @@ class CovarianceAccumulator:
         total = self.count + n
         delta = mean - self.mean
         self.mean = self.mean + delta * (n / total)
-        self.m2 = self.m2 + m2 + _outer(delta, delta, self.groups) * (self.count * n / total)
+        self.m2 = self.m2 + m2 + outer(delta, delta, self.groups) * (self.count * n / total)
         self.count = total
 
     def compute(self) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -270,9 +280,7 @@ class CovarianceAccumulator:
         if self.count == 0:
             raise ValueError("CovarianceAccumulator has no samples")
         if self._triton_state is not None:
-            shift, s1, s2 = (t.double() for t in self._triton_state)
-            offset = s1 / self.count
-            return shift + offset, s2 / self.count - torch.outer(offset, offset), self.count
+            return *finalize(self.count, *self._triton_state), self.count
         return self.mean, self.m2 / self.count, self.count
 
     def state_dict(self) -> dict:
@@ -363,9 +371,9 @@ def _batch_moments(
                 gram.baddbmm_(example, example.mT)
         sums = centered.sum((0, 2))
     else:
-        rows = x.movedim(1, -1).reshape(-1, c)  # a view for (M, C) and channels_last inputs
-        shift = rows.mean(0, dtype=dtype)
-        centered = rows - shift
+        samples = rows(x)
+        shift = samples.mean(0, dtype=dtype)
+        centered = samples - shift
         if groups == 1:
             gram = centered.T @ centered
         else:
@@ -374,7 +382,7 @@ def _batch_moments(
         sums = centered.sum(0)
     n = x.numel() // c
     offset = sums.double() / n
-    return n, shift.double() + offset, gram.double() - n * _outer(offset, offset, groups)
+    return n, shift.double() + offset, gram.double() - n * outer(offset, offset, groups)
 
 
 def covariance(
@@ -403,27 +411,8 @@ def covariance(
 # Eigendecompositions and whitening
 
 
-def _all_finite(tensors: list[torch.Tensor]) -> list[bool]:
-    """Per tensor, whether all its entries are finite, with one device-to-host copy per device
-    (not one per tensor): the tensors of one shape, dtype and device are checked as one stack."""
-    groups: dict[tuple, list[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault((tuple(t.shape), t.dtype, t.device), []).append(i)
-    per_device: dict[torch.device, tuple[list[int], list[torch.Tensor]]] = {}
-    for (_, _, device), idx in groups.items():
-        stacked = torch.stack([tensors[i] for i in idx])
-        order, flags = per_device.setdefault(device, ([], []))
-        order.extend(idx)
-        flags.append(torch.isfinite(stacked).reshape(len(idx), -1).all(1))
-    out = [True] * len(tensors)
-    for order, flags in per_device.values():
-        for i, ok in zip(order, torch.cat(flags).tolist()):
-            out[i] = ok
-    return out
-
-
 def _check_finite(mats: list[torch.Tensor], what: str) -> None:
-    bad = [i for i, ok in enumerate(_all_finite(mats)) if not ok]
+    bad = [i for i, ok in enumerate(all_finite(mats)) if not ok]
     if bad:
         raise ValueError(f"{what} {bad} hold NaN or Inf values")
 
@@ -524,104 +513,13 @@ def whitening(
 # Whitened layers
 
 
-def _num_groups(w: torch.Tensor, c: torch.Tensor) -> int:
-    """G of a weight w (O, k, *taps) and a centre c (G * k,), checked."""
-    k, n = w.shape[1], c.numel()
-    if n == k:
-        return 1
-    if k == 0 or n % k or w.shape[0] % (n // k):
-        raise ValueError(
-            f"c with {n} entries does not split into groups of the weight's {k} input features "
-            f"with {w.shape[0]} outputs divisible by the number of groups"
-        )
-    return n // k
-
-
-def mul_in(a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Multiplies a weight-shaped tensor on its input-feature dimension, at every tap.
-
-    out[o, j, *t] = sum_i a[o, i, *t] m[i, j]                  (m: (I, J))
-    out[o, j, *t] = sum_i a[o, i, *t] m[g(o), i, j]            (m: (G, k, J), g(o) = o // (O / G))
-
-    The grouped form is a grouped convolution's: output o sees the block of its group only. Both
-    are one (batched) GEMM over the (o, tap) rows.
-
-    Args:
-        a: (O, I) or (O, I, kh, kw); m: (I, J), or (G, I, J) with G dividing O.
-
-    Returns:
-        (O, J) or (O, J, kh, kw), contiguous.
-    """
-    if m.dim() == 3:
-        groups = m.shape[0]
-        if a.shape[1] != m.shape[1] or a.shape[0] % groups:
-            raise ValueError(
-                f"mul_in: a {tuple(a.shape)} does not fit blocks m {tuple(m.shape)}: expected "
-                f"a.shape[1] == {m.shape[1]} and a.shape[0] divisible by {groups}"
-            )
-        rows = a.movedim(1, -1).reshape(groups, -1, a.shape[1])  # (G, O / G * taps, k)
-        out = (rows @ m).view(a.shape[0], *a.shape[2:], m.shape[2])
-        return out.movedim(-1, 1).clone(memory_format=torch.contiguous_format)
-    if a.dim() == 2:
-        return a @ m
-    # One GEMM over the (o, tap) rows; the layout changes touch only weight-sized tensors.
-    rows = a.movedim(1, -1).reshape(-1, a.shape[1])
-    out = (rows @ m).view(a.shape[0], *a.shape[2:], m.shape[1])
-    # clone, not contiguous(): oneDNN conv backward mishandled the odd strides that a
-    # "contiguous" view keeps on size-1 dims (1x1 kernels): heap corruption in torch 2.13 CPU
-    return out.movedim(-1, 1).clone(memory_format=torch.contiguous_format)
-
-
-def centre_term(w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """W c summed over the taps, per output: what the centre c takes off the bias.
-
-    out[o] = sum_{i, *t} w[o, i, *t] c[g(o) * k + i],  k = w.shape[1], G = c.numel() / k,
-    g(o) = o // (O / G). G = 1 is taps_sum(w) @ c.
-
-    Args:
-        w: (O, k) or (O, k, kh, kw); c: (G * k,).
-
-    Returns:
-        (O,)
-    """
-    groups = _num_groups(w, c)
-    if groups == 1:
-        return taps_sum(w) @ c
-    ws = taps_sum(w).reshape(groups, -1, w.shape[1])  # (G, O / G, k)
-    return (ws @ c.view(groups, -1, 1)).reshape(w.shape[0])
-
-
-def outer_taps(g: torch.Tensor, c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """g c^T at every tap of a weight shaped like `like`, per group.
-
-    out[o, i, *t] = g[o] c[g(o) * k + i],  k = like.shape[1], G = c.numel() / k. For a linear
-    weight (O, I) it is torch.outer(g, c).
-
-    Args:
-        g: (O,); c: (G * k,); like: (O, k) or (O, k, kh, kw).
-
-    Returns:
-        like's shape, contiguous.
-    """
-    groups = _num_groups(like, c)
-    if groups == 1:
-        outer = torch.outer(g, c)
-    else:
-        outer = (g.view(groups, -1, 1) * c.view(groups, 1, -1)).reshape(like.shape[:2])
-    if like.dim() == 2:
-        return outer
-    return outer.view(*outer.shape, *([1] * (like.dim() - 2))).expand(like.shape).contiguous()
-
-
-def _apply_blocks(U: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """U c for U (C, C); the block-diagonal product, block g on c's g-th slice, for U (G, k, k)."""
-    if U.dim() == 2:
-        return U @ c
-    return (U @ c.view(U.shape[0], -1, 1)).reshape(c.shape)
-
-
 def fold(
-    V: torch.Tensor, d: torch.Tensor | None, U: torch.Tensor, c: torch.Tensor | None
+    V: torch.Tensor,
+    d: torch.Tensor | None,
+    U: torch.Tensor,
+    c: torch.Tensor | None,
+    *,
+    backend: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Canonical parameters of a whitened layer: W = V U (at every tap), b = d - W c.
 
@@ -632,37 +530,33 @@ def fold(
     Args:
         V: (O, I) or (O, I, kh, kw); d: (O,) or None; U: (I, I), or (G, I, I) for a grouped
             conv (I = C_in / G); c: (I,) or (G * I,), or None (zero).
+        backend: "torch" (the default, on every device: the fold of canonical() and of the
+            reparametrizations), "auto" (the fold of the layers' forward: the Triton kernel for
+            CUDA tensors with U (I, I), torch otherwise) or "triton" (U (I, I) only).
 
     Returns:
         W with V's shape, b: (O,) or None when both d and c are None.
     """
-    with _full_precision(V.device):
-        W = mul_in(V, U)
-        if c is None:
-            return W, d
-        wc = centre_term(W, c)
-        return W, (-wc if d is None else d - wc)
-
-
-def taps_sum(w: torch.Tensor) -> torch.Tensor:
-    """(O, I, kh, kw) -> (O, I) summed over the taps; (O, I) as it is."""
-    return w.flatten(2).sum(-1) if w.dim() > 2 else w
-
-
-def _fold_op(backend, V, d, U, c):
-    if U.dim() == 3:  # grouped: the Triton kernel folds a single block only
-        if backend == "triton":
-            raise ValueError(
-                f"backend='triton' folds groups=1 layers only, got U of {U.shape[0]} blocks; "
-                "use backend='auto' or 'torch'"
-            )
-        return fold(V, d, U, c)
-    if _use_triton(backend, V, U):
-        with _full_precision(V.device):
+    _check_backend(backend, ("auto", "torch", "triton"), "fold")
+    if U.dim() == 3 and backend == "triton":  # the Triton kernel folds a single block only
+        raise ValueError(
+            f"backend='triton' folds groups=1 layers only, got U of {U.shape[0]} blocks; "
+            "use backend='auto' or 'torch'"
+        )
+    with full_precision(V.device):
+        if U.dim() == 2 and _use_triton(backend, V, U):
+            triton_ops = _triton_backend()
             if c is None:  # no centre: b is d itself (or no bias at all)
-                return _triton_ops().fold(V, None, U, U.new_zeros(U.shape[0]))[0], d
-            return _triton_ops().fold(V, d, U, c)
-    return fold(V, d, U, c)
+                return triton_ops.fold(V, None, U, U.new_zeros(U.shape[0]))[0], d
+            return triton_ops.fold(V, d, U, c)
+        return _common.fold(V, d, U, c)
+
+
+def _apply_blocks(U: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """U c for U (C, C); the block-diagonal product, block g on c's g-th slice, for U (G, k, k)."""
+    if U.dim() == 2:
+        return U @ c
+    return (U @ c.view(U.shape[0], -1, 1)).reshape(c.shape)
 
 
 def _activation_bias(V, d, U, c):
@@ -671,16 +565,24 @@ def _activation_bias(V, d, U, c):
     padding mode. Runs with autocast off, like the fold."""
     if c is None:
         return d
-    with _full_precision(V.device):
+    with full_precision(V.device):
         vuc = centre_term(V, _apply_blocks(U, c))
         return -vuc if d is None else d - vuc
 
 
-def _fold_is_cheaper(x: torch.Tensor, V: torch.Tensor, backend: str, groups: int = 1) -> bool:
-    """The fold costs C_out * taps * k^2 (k = C_in / G), whitening the activations
+def fold_is_cheaper(x: torch.Tensor, V: torch.Tensor, groups: int = 1, *, backend: str = "auto") -> bool:
+    """Whether whitened_linear and whitened_conv2d fold (W, b) for the input x, rather than
+    whiten the activations.
+
+    The fold costs C_out * taps * k^2 (k = C_in / G), whitening the activations
     positions * G * k^2 (for the forward pass, and as much again for the backward): fold when
     C_out * taps <= positions * G. backend='triton' always folds (it is the Triton fold kernel
-    that was asked for)."""
+    that was asked for).
+
+    Args:
+        x: the layer's input; V: (C_out, k) or (C_out, k, kh, kw); groups: G.
+        backend: the backend the layer is called with.
+    """
     positions = x.numel() // max(V.shape[1] * groups, 1)
     return backend == "triton" or V[:, 0].numel() <= positions * groups
 
@@ -711,10 +613,10 @@ def whitened_linear(
     """
     _check_backend(backend, ("auto", "torch", "triton"), "whitened_linear")
     _check_layer(x, V, U, c, dim=-1)
-    if not _fold_is_cheaper(x, V, backend):
+    if not fold_is_cheaper(x, V, backend=backend):
         # here rows < out, so centering x (rows * in) costs less than moving c into the bias
         return F.linear(F.linear(x if c is None else x - c, U), V, d)
-    W, b = _fold_op(backend, V, d, U, c)
+    W, b = fold(V, d, U, c, backend=backend)
     return F.linear(x, W, b)
 
 
@@ -754,14 +656,14 @@ def whitened_conv2d(
     if backend == "triton" and groups != 1:
         raise ValueError(f"backend='triton' folds groups=1 convolutions only, got {groups=}")
     _check_layer(x, V, U, c, dim=-3, groups=groups)
-    if _fold_is_cheaper(x, V, backend, groups):
-        W, b = _fold_op(backend, V, d, U, c)
+    if fold_is_cheaper(x, V, groups, backend=backend):
+        W, b = fold(V, d, U, c, backend=backend)
     else:
         x = F.conv2d(x, U.reshape(-1, V.shape[1])[:, :, None, None], groups=groups)
         W, b = V, _activation_bias(V, d, U, c)
     if padding_mode != "zeros":
         dil = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
-        pad = reference.conv_padding(padding, tuple(V.shape[2:]), dil)
+        pad = conv_padding(padding, tuple(V.shape[2:]), dil)
         return F.conv2d(F.pad(x, pad, mode=padding_mode), W, b, stride, 0, dilation, groups)
     return F.conv2d(x, W, b, stride, padding, dilation, groups)
 
@@ -781,3 +683,10 @@ def _check_layer(x, V, U, c, dim, groups=1):
         raise ValueError(f"U must have shape {shape}, got {tuple(U.shape)}")
     if c is not None and c.shape != (n_in,):
         raise ValueError(f"c must have shape ({n_in},), got {tuple(c.shape)}")
+
+
+# Names that prong.py, _dist.py and _layer_state.py import from here; _common.py holds them under
+# these names without the underscore.
+_all_finite = all_finite
+_full_precision = full_precision
+_outer = outer

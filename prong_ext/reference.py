@@ -7,12 +7,17 @@ it as the "naive" baseline, and its formulas are docs/algorithm.md's written out
 - whitened layers: the two-step form, whitening 1x1 conv by U on the centered (padded) input, then
   the layer's own conv/linear by V with no padding (grouped convs: one 1x1 conv per group);
 - eigendecomposition and whitening: a Python loop of torch.linalg.eigh, one layer at a time.
+
+Every function computes in its inputs' dtype (pass float64 for an oracle). None of them uses the
+fused forms of prong_ext.ops.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ._common import conv_padding, rows
 
 __all__ = [
     "batched_eigh",
@@ -22,13 +27,6 @@ __all__ = [
     "whitened_linear",
     "whitening",
 ]
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """(N, C, *) -> (N * prod(*), C): every position of every sample is one row of C features."""
-    if x.dim() < 2:
-        raise ValueError(f"expected an input of shape (N, C, *), got {tuple(x.shape)}")
-    return x.movedim(1, -1).reshape(-1, x.shape[1])
 
 
 def covariance(
@@ -45,10 +43,10 @@ def covariance(
         mean: (C,), cov: (C, C) = E[(h - mean)(h - mean)^T] (1/count), or its diagonal blocks
         (G, k, k), count: number of rows.
     """
-    rows = _rows(x).to(dtype)
-    count = rows.shape[0]
-    mean = rows.mean(0)
-    centered = rows - mean
+    samples = rows(x).to(dtype)
+    count = samples.shape[0]
+    mean = samples.mean(0)
+    centered = samples - mean
     cov = centered.T @ centered / count
     if groups > 1:
         k = x.shape[1] // groups
@@ -72,25 +70,6 @@ def whitened_linear(
         (*, out)
     """
     return F.linear(F.linear(x - c, U), V, d)
-
-
-def conv_padding(
-    padding: str | int | tuple[int, int],
-    kernel_size: tuple[int, int],
-    dilation: tuple[int, int],
-) -> tuple[int, int, int, int]:
-    """nn.Conv2d's padding as explicit (left, right, top, bottom) amounts for F.pad."""
-    if padding == "valid":
-        return (0, 0, 0, 0)
-    if padding == "same":
-        amounts = []
-        for k, dil in zip(reversed(kernel_size), reversed(dilation)):
-            total = dil * (k - 1)
-            amounts += [total // 2, total - total // 2]
-        return tuple(amounts)
-    if isinstance(padding, int):
-        padding = (padding, padding)
-    return (padding[1], padding[1], padding[0], padding[0])
 
 
 def whitened_conv2d(

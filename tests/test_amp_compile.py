@@ -67,10 +67,10 @@ def test_autocast_output_is_the_plain_op_of_the_float32_fold(name, amp_dtype, de
     plain = make_plain().to(device)
     _set_whitening(layer)
     x = torch.randn(shape, device=device)
-    assert ops._fold_is_cheaper(x, layer.V, "auto", layer.groups)  # the fold form
+    assert ops.fold_is_cheaper(x, layer.V, layer.groups)  # the fold form
 
     # outside autocast: float32, by the path the layer takes (the Triton fold on CUDA)
-    W32, b32 = ops._fold_op("auto", layer.V, layer.d, layer.U, layer.c)
+    W32, b32 = ops.fold(layer.V, layer.d, layer.U, layer.c, backend="auto")
     assert W32.dtype == torch.float32
     with torch.autocast(device, dtype=amp_dtype):
         out = layer(x)
@@ -88,7 +88,7 @@ def test_autocast_output_is_the_plain_op_of_the_float32_fold(name, amp_dtype, de
     out.float().square().sum().backward()
     V_ref = layer.V.detach().clone().requires_grad_(True)
     d_ref = layer.d.detach().clone().requires_grad_(True)
-    W_ref, b_ref = ops._fold_op("auto", V_ref, d_ref, layer.U, layer.c)
+    W_ref, b_ref = ops.fold(V_ref, d_ref, layer.U, layer.c, backend="auto")
     with torch.autocast(device, dtype=amp_dtype):
         ref_out = _plain_op(layer, x, W_ref, b_ref)
     ref_out.float().square().sum().backward()
@@ -110,7 +110,7 @@ def test_autocast_activation_form(conv, amp_dtype, device):
         x = torch.randn(2, 6, device=device)
     layer, plain = layer.to(device), plain.to(device)
     _set_whitening(layer, 0.3)
-    assert not ops._fold_is_cheaper(x, layer.V, "auto", layer.groups)
+    assert not ops.fold_is_cheaper(x, layer.V, layer.groups)
     with torch.autocast(device, dtype=amp_dtype):
         out = layer(x)
         assert out.dtype == plain(x).dtype == amp_dtype
@@ -126,8 +126,8 @@ def test_autocast_activation_form(conv, amp_dtype, device):
 
 @pytest.mark.parametrize("amp_dtype", AMP_DTYPES)
 def test_autocast_triton_fold(amp_dtype):
-    tops = ops._triton_ops()
-    if tops is None or not tops.INTERPRETED:
+    tops = pytest.importorskip("prong_ext._triton_ops")
+    if not tops.INTERPRETED:
         pytest.skip("the Triton fold on CPU tensors needs TRITON_INTERPRET=1")
     layer = WhitenedLinear(7, 5)
     _set_whitening(layer)
@@ -156,10 +156,10 @@ def _activations(layout, c, device):
 @pytest.mark.parametrize("layout", ["rows", "large_images", "small_images"])
 @pytest.mark.parametrize("groups,backend", [(1, "torch"), (2, "torch"), (1, "triton")])
 def test_statistics_of_bf16_activations_under_autocast(layout, groups, backend, device):
-    if backend == "triton" and ops._triton_ops() is None:
-        pytest.skip("Triton is not installed")
-    if backend == "triton" and device == "cpu" and not ops._triton_ops().INTERPRETED:
-        pytest.skip("the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
+    if backend == "triton":
+        tops = pytest.importorskip("prong_ext._triton_ops")
+        if device == "cpu" and not tops.INTERPRETED:
+            pytest.skip("the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
     x = _activations(layout, 6, device)
     under = ops.CovarianceAccumulator(6, groups=groups, backend=backend)
     with torch.autocast(device, dtype=torch.bfloat16):  # the layer inputs as a Prong hook sees them

@@ -163,7 +163,7 @@ def test_naive_prong_matches_prong():
     inputs = {m: h for m, h, *_ in RoundingBound(base, x, dtype=torch.float64).records}
     naive.NaiveProng(m_naive, num_samples=16).reparametrize(x)
     prong_ext.Prong(m_prong, num_samples=16).reparametrize(x)
-    whitened = [m for m in m_prong.modules() if isinstance(m, prong_ext.nn._Whitened)]
+    whitened = [m for m in m_prong.modules() if isinstance(m, prong_ext.nn.WhitenedLayer)]
     # float64, before and after each within the running bound of its rounding, plus, after, the
     # projection V = W U^-1 (in_features roundings, grown by U's condition)
     extra = {m: int(m.V.shape[1] * cond(m.U)) + 2 for m in whitened}

@@ -34,7 +34,7 @@ FRESH_CASES = [
 @pytest.mark.parametrize("form", ["fold", "act"])
 @pytest.mark.parametrize("c_in,c_out,groups,kwargs", FRESH_CASES)
 def test_fresh_grouped_layer_is_nn_conv2d(c_in, c_out, groups, kwargs, form, monkeypatch):
-    monkeypatch.setattr(ops, "_fold_is_cheaper", lambda *args: form == "fold")
+    monkeypatch.setattr(ops, "fold_is_cheaper", lambda *args, **kwargs: form == "fold")
     torch.manual_seed(5)
     plain = nn.Conv2d(c_in, c_out, (3, 2), groups=groups, **kwargs)
     torch.manual_seed(5)
@@ -90,7 +90,7 @@ def _oracle_inputs(c_in, c_out, groups, kernel, n, hw, bias):
 def test_grouped_whitened_conv2d_equals_reference(case, bias):
     c_in, c_out, groups, kernel, conv, n, hw, form = case
     x, V, d, U, c = _oracle_inputs(c_in, c_out, groups, kernel, n, hw, bias)
-    assert ops._fold_is_cheaper(x, V, "auto", groups) == (form == "fold")
+    assert ops.fold_is_cheaper(x, V, groups) == (form == "fold")
     conv = dict(conv)
     padding_mode = conv.pop("padding_mode", "zeros")
     args = (conv.get("stride", 1), conv.get("padding", 0), conv.get("dilation", 1), padding_mode, groups)
@@ -118,7 +118,7 @@ def test_grouped_whitened_conv2d_equals_reference(case, bias):
 def test_grouped_gradcheck(form):
     n, hw = (2, (4, 3)) if form == "fold" else (1, (1, 2))
     x, V, d, U, c = _oracle_inputs(4, 6, 2, 2, n, hw, True)
-    assert ops._fold_is_cheaper(x, V, "auto", 2) == (form == "fold")
+    assert ops.fold_is_cheaper(x, V, 2) == (form == "fold")
 
     def f(x, V, d):
         return ops.whitened_conv2d(x, V, d, U, c, 1, 1, 1, "zeros", 2)

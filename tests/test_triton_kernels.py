@@ -13,17 +13,12 @@ import torch.nn.functional as F
 from helpers import unit_roundoff
 from prong_ext import _triton_ops as ops
 from prong_ext import ops as prong_ops
+from prong_ext._common import finalize
 from prong_ext.triton_kernels import covariance as cov_module
-from prong_ext.triton_kernels.covariance import (
-    _cov_accum_kernel,
-    cov_accumulate,
-    cov_accumulate_launch,
-    covariance,
-    finalize,
-)
+from prong_ext.triton_kernels.covariance import cov_accum_kernel, cov_accumulate, cov_accumulate_launch
 from prong_ext.triton_kernels.whiten_conv import (
-    _fold_bwd_kernel,
-    _fold_kernel,
+    fold_bwd_kernel,
+    fold_kernel,
     fold_weights,
     fold_weights_backward,
     fold_weights_backward_launch,
@@ -68,6 +63,15 @@ def fold_backward64(gW, gb, U, c):
     cc = c.reshape((1, -1) + (1,) * (gW.dim() - 2))
     a = gW - gb.reshape((-1,) + (1,) * (gW.dim() - 1)) * cc
     return torch.einsum("oi...,ji->oj...", a, U), gb
+
+
+def covariance32(x):
+    """Mean, covariance and row count of x from one launch's float32 sums about its first row."""
+    rows = rows64(x)
+    shift = rows[0].float()
+    s1, s2 = torch.zeros(x.shape[1], device=x.device), torch.zeros(x.shape[1], x.shape[1], device=x.device)
+    cov_accumulate(x, shift, s1, s2)
+    return *finalize(rows.shape[0], shift, s1, s2), rows.shape[0]
 
 
 F32_U = unit_roundoff(torch.float32)
@@ -127,7 +131,7 @@ LAYOUTS = ["2d", "2d_sliced", "nchw", "channels_last", "nchw_sliced"]
 def launch_cov(x, shift, s1, s2, **kw):
     launch = cov_accumulate_launch(x, shift, s1, s2, **kw)
     grid, kwargs = launch
-    _cov_accum_kernel[grid](**kwargs)
+    cov_accum_kernel[grid](**kwargs)
     return grid
 
 
@@ -297,7 +301,7 @@ def test_cov_accumulate_tf32_flag(device):
 def test_covariance_large_mean_keeps_relative_accuracy(device):
     """Mean 1e3, std 1e-2: the shift keeps cov accurate where E[xx^T] - mu mu^T in float32 fails."""
     x = (1e3 + 1e-2 * torch.randn(300, 5, dtype=torch.float64)).float().to(device)
-    mean, cov, count = covariance(x)
+    mean, cov, count = covariance32(x)
     assert count == 300
     x64 = x.double()
     want = torch.cov(x64.T, correction=0)
@@ -319,7 +323,7 @@ def test_cov_accumulate_streaming_equals_one_pass(device, layout):
     count = sum(rows64(x).shape[0] for x in chunks)
     mean, cov = finalize(count, shift, s1, s2)
     whole = torch.cat([rows64(x) for x in chunks]).float()
-    mean1, cov1, count1 = covariance(whole)
+    mean1, cov1, count1 = covariance32(whole)
     assert count1 == count
     # float32 sums of the same rows (less the same shift, the first row) in other orders: each
     # within the bound of its sums, two of them apart by at most twice that; cov = s2 / count
@@ -447,7 +451,7 @@ def poisoned_fold(V, d, U, c):
     W = torch.full(V.shape, float("nan"), dtype=V.dtype, device=V.device)
     b = torch.full((V.shape[0],), float("nan"), dtype=V.dtype, device=V.device)
     grid, kwargs = fold_weights_launch(V, d, U, c, W, b)
-    _fold_kernel[grid](**kwargs)
+    fold_kernel[grid](**kwargs)
     return W, b
 
 
@@ -455,7 +459,7 @@ def poisoned_fold_backward(gW, gb, U, c):
     gV = torch.full(gW.shape, float("nan"), dtype=gW.dtype, device=gW.device)
     gd = torch.full(gb.shape, float("nan"), dtype=gb.dtype, device=gb.device)
     grid, kwargs = fold_weights_backward_launch(gW, gb, U, c, gV, gd)
-    _fold_bwd_kernel[grid](**kwargs)
+    fold_bwd_kernel[grid](**kwargs)
     return gV, gd
 
 
@@ -629,6 +633,35 @@ def test_ops_match_kernels(device):
     ops.cov_accumulate(x, shift, s1a, s2a)
     cov_accumulate(x, shift, s1b, s2b)
     assert torch.equal(s1a, s1b) and torch.equal(s2a, s2b) and s2a.abs().sum() > 0
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 3, 3), (5, 6)], ids=str)
+def test_ops_take_the_torch_path_where_triton_does_not_run(device, shape, monkeypatch):
+    """Tensors on a device Triton does not run on (CPU tensors with compiled Triton) take the torch
+    forms at the kernels' accumulation dtype, float32 here: within the bounds of its sums."""
+    monkeypatch.setattr(ops, "_runs_triton", lambda t: False)
+    V, d, U, c = make_fold_inputs(shape, "sliced", torch.float32, device)
+    W, b = ops.fold(V, d, U, c)
+    eW, eb = fold64(V, d, U, c)
+    aW, ab = fold64(V.abs(), d.abs(), U.abs(), -c.abs())
+    n, terms = V.shape[1], V[0].numel()  # b sums W over the taps, then with c
+    assert W.dtype == b.dtype == torch.float32 and W.is_contiguous()
+    assert_within(W, eW, 2 * (n + 1) * F32_U * aW)
+    assert_within(b, eb, 2 * (n + terms + 2) * F32_U * ab)
+    gV, gd = ops.fold_backward(V, d, U, c)
+    egV, _ = fold_backward64(V, d, U, c)
+    agV, _ = fold_backward64(V.abs(), d.abs(), U.abs(), -c.abs())
+    assert_within(gV, egV, 2 * (n + 2) * F32_U * agV)
+    assert torch.equal(gd, d) and gd.data_ptr() != d.data_ptr()
+    x = make_x("channels_last", 3, 37, device=device)
+    shift = rows64(x)[0].float()
+    s1, s2 = torch.randn(3, device=device), sym(3, device)
+    e1, e2 = shifted_sums64(x, shift)
+    e1, e2 = e1 + s1.double(), e2 + s2.double()
+    b1, b2 = shifted_sums_bound(x, shift, s1, s2)
+    ops.cov_accumulate(x, shift, s1, s2)
+    assert_within(s1, e1, b1)
+    assert_within(s2, e2, b2)
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 2, 2), (3, 2)], ids=str)

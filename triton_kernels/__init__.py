@@ -1,12 +1,14 @@
 """Triton kernels of prong_ext and their launchers. Installed as `prong_ext.triton_kernels`.
 
-    covariance     `_cov_accum_kernel`; `cov_accumulate` (shifted s1, s2 sums, one launch),
-                   `covariance`, `finalize`
-    whiten_conv    `_fold_kernel`, `_fold_bwd_kernel`; `fold_weights` (W = V U, b = d - W c),
+    covariance     `cov_accum_kernel`: shifted sums s1, s2 of a layer input's rows, one launch;
+                   `cov_accumulate_launch` (grid and arguments), `cov_accumulate` (runs it)
+    whiten_conv    `fold_kernel`, `fold_bwd_kernel`: W = V U, b = d - W c and its adjoint;
+                   `fold_weights_launch`, `fold_weights_backward_launch`, `fold_weights`,
                    `fold_weights_backward`
     compile_check  `python -m prong_ext.triton_kernels.compile_check`: AOT-compiles every kernel
                    configuration for sm_90 and sm_80 without a GPU
 
-Nothing is imported here: kernels are defined at the import of their module, after the caller has
-chosen TRITON_INTERPRET. Imports inside this folder are relative; it never imports prong_ext.
+prong_ext._triton_ops registers the launches as torch.library ops. Nothing is imported here:
+kernels are defined at the import of their module, after the caller has chosen TRITON_INTERPRET.
+Imports inside this folder are relative; it never imports prong_ext.
 """

@@ -25,8 +25,8 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from .covariance import DEFAULT_BLOCK_C, DEFAULT_BLOCK_R, _cov_accum_kernel  # noqa: E402
-from .whiten_conv import _blocks, _fold_bwd_kernel, _fold_kernel  # noqa: E402
+from .covariance import DEFAULT_BLOCK_C, DEFAULT_BLOCK_R, cov_accum_kernel  # noqa: E402
+from .whiten_conv import block_sizes, fold_bwd_kernel, fold_kernel  # noqa: E402
 
 # Shared memory one block may use (opt-in maximum): A100 (sm_80) 163 KiB, H100/H200 (sm_90) 227 KiB.
 _SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -78,13 +78,13 @@ def _configs():
                             "ROWS_I64": False,
                             **spec,
                         }
-                        yield f"{base} {layout}", _cov_accum_kernel, pointers, constexprs, "i32"
+                        yield f"{base} {layout}", cov_accum_kernel, pointers, constexprs, "i32"
                     if first:
                         constexprs = dict(constexprs, ROWS_I64=True)
-                        yield f"{base} rows=i64", _cov_accum_kernel, pointers, constexprs, "i64"
+                        yield f"{base} rows=i64", cov_accum_kernel, pointers, constexprs, "i64"
     for v in ("fp32", "fp16", "bf16", "fp64"):
         f64 = v == "fp64"
-        block_r, block_i, block_k, block_o = _blocks(f64)
+        block_r, block_i, block_k, block_o = block_sizes(f64)
         for uc in dict.fromkeys(("fp32", v)):  # buffers in float32, or cast with the module
             if f64 and uc != "fp64":
                 continue  # float64 V is the gradcheck case, with float64 buffers
@@ -106,10 +106,10 @@ def _configs():
                     BLOCK_O=block_o,
                 )
                 label = f"V={v} U,c={uc} has_d={int(has_d)}"
-                yield label, _fold_kernel, pointers, constexprs, "i32"
+                yield label, fold_kernel, pointers, constexprs, "i32"
                 if v == "fp32" and has_d:
-                    yield label, _fold_kernel, pointers, constexprs, "i64"
-                    yield f"{label} T=1", _fold_kernel, pointers, dict(constexprs, T=1, KW=1), "i32"
+                    yield label, fold_kernel, pointers, constexprs, "i64"
+                    yield f"{label} T=1", fold_kernel, pointers, dict(constexprs, T=1, KW=1), "i32"
             pointers = {
                 "gw_ptr": _TRITON_TYPES[v],
                 "gb_ptr": _TRITON_TYPES[v],
@@ -120,10 +120,10 @@ def _configs():
             }
             constexprs = dict(ACC_F64=f64, BLOCK_R=block_r, BLOCK_J=block_i, BLOCK_K=block_k)
             label = f"gW={v} U,c={uc}"
-            yield label, _fold_bwd_kernel, pointers, constexprs, "i32"
+            yield label, fold_bwd_kernel, pointers, constexprs, "i32"
             if v == "fp32":
-                yield label, _fold_bwd_kernel, pointers, constexprs, "i64"
-                yield f"{label} T=1", _fold_bwd_kernel, pointers, dict(constexprs, T=1, KW=1), "i32"
+                yield label, fold_bwd_kernel, pointers, constexprs, "i64"
+                yield f"{label} T=1", fold_bwd_kernel, pointers, dict(constexprs, T=1, KW=1), "i32"
 
 
 def _resources(cubin: bytes) -> str:

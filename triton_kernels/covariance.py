@@ -4,7 +4,9 @@
     s2 += sum_r (x_r - shift) (x_r - shift)^T      (C, C)
 
 Rows r are the samples: the rows of an (M, C) input, or every spatial position of every image of an
-(N, C, H, W) input. `finalize` turns the sums into the mean and the biased covariance.
+(N, C, H, W) input. Kernel `cov_accum_kernel`; its launch `cov_accumulate_launch` (grid and keyword
+arguments, for `wrap_triton`) and the launcher that runs it, `cov_accumulate`. The mean and the
+covariance of n rows follow from the sums: mean = shift + s1 / n, cov = s2 / n - (s1 / n)(s1 / n)^T.
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["cov_accumulate", "cov_accumulate_launch", "covariance", "finalize"]
+__all__ = [
+    "DEFAULT_BLOCK_C",
+    "DEFAULT_BLOCK_R",
+    "cov_accum_kernel",
+    "cov_accumulate",
+    "cov_accumulate_launch",
+]
 
 _X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -27,7 +35,7 @@ DEFAULT_BLOCK_C = 32
 
 
 @triton.jit
-def _cov_accum_kernel(
+def cov_accum_kernel(
     x_ptr,
     shift_ptr,
     s1_ptr,
@@ -206,7 +214,7 @@ def cov_accumulate_launch(
 ) -> tuple[tuple[int, int], dict] | None:
     """The launch of `cov_accumulate`: (grid, kernel keyword arguments), or None when x has no rows.
 
-    `torch.library.triton_op` callers launch `wrap_triton(_cov_accum_kernel)[grid](**kwargs)`.
+    `torch.library.triton_op` callers launch `wrap_triton(cov_accum_kernel)[grid](**kwargs)`.
 
     Row splits: on CUDA enough to give every SM about four programs, each of at least 16 row
     blocks, their partial sums added with atomics (in no fixed order); one split, a plain
@@ -293,51 +301,4 @@ def cov_accumulate(
     launch = cov_accumulate_launch(x, shift, s1, s2, allow_tf32=allow_tf32)
     if launch is not None:
         grid, kwargs = launch
-        _cov_accum_kernel[grid](**kwargs)
-
-
-def finalize(
-    count: int, shift: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and biased covariance from shifted sums over `count` rows.
-
-        mean = shift + s1 / n          cov = s2 / n - (s1 / n) (s1 / n)^T
-
-    Args:
-        count: n, the number of rows summed.
-        shift: (C,), s1: (C,), s2: (C, C), as passed to `cov_accumulate`.
-
-    Returns:
-        mean (C,) and cov (C, C), in s2's dtype.
-    """
-    if count <= 0:
-        raise ValueError(f"{count=} must be > 0")
-    m1 = s1 / count
-    mean = shift.to(s1.dtype) + m1
-    cov = s2 / count - torch.outer(m1, m1)
-    return mean, cov
-
-
-def _first_row(x: torch.Tensor) -> torch.Tensor:
-    return x[0] if x.dim() == 2 else x[0, :, 0, 0]
-
-
-def covariance(x: torch.Tensor, *, allow_tf32: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Mean, biased covariance (1 / count) and row count of x, shifted by its first row.
-
-    Args:
-        x: (M, C) or (N, C, H, W), any strides; float32, float16 or bfloat16.
-
-    Returns:
-        mean (C,) float32, cov (C, C) float32, count (rows: M, or N * H * W).
-    """
-    count = x.shape[0] if x.dim() == 2 else x.shape[0] * x.shape[2] * x.shape[3]
-    if count == 0:
-        raise ValueError("x has no rows")
-    C = x.shape[1]
-    shift = _first_row(x).to(torch.float32).contiguous()
-    s1 = torch.zeros(C, dtype=torch.float32, device=x.device)
-    s2 = torch.zeros(C, C, dtype=torch.float32, device=x.device)
-    cov_accumulate(x, shift, s1, s2, allow_tf32=allow_tf32)
-    mean, cov = finalize(count, shift, s1, s2)
-    return mean, cov, count
+        cov_accum_kernel[grid](**kwargs)

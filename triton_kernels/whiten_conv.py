@@ -7,6 +7,10 @@
     gd          = gb
 
 A linear layer is the one-tap case: V (O, I).
+
+Kernels `fold_kernel` and `fold_bwd_kernel`; their launches (`fold_weights_launch`,
+`fold_weights_backward_launch`: grid and keyword arguments, for `wrap_triton`) and the launchers
+that run them (`fold_weights`, `fold_weights_backward`).
 """
 
 from __future__ import annotations
@@ -16,17 +20,21 @@ import triton
 import triton.language as tl
 
 __all__ = [
+    "accumulates_in_f64",
+    "block_sizes",
+    "fold_bwd_kernel",
+    "fold_kernel",
     "fold_weights",
     "fold_weights_backward",
-    "fold_weights_launch",
     "fold_weights_backward_launch",
+    "fold_weights_launch",
 ]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 @triton.jit
-def _fold_kernel(
+def fold_kernel(
     v_ptr,
     d_ptr,
     u_ptr,
@@ -140,7 +148,7 @@ def _fold_kernel(
 
 
 @triton.jit
-def _fold_bwd_kernel(
+def fold_bwd_kernel(
     gw_ptr,
     gb_ptr,
     u_ptr,
@@ -165,7 +173,7 @@ def _fold_bwd_kernel(
     BLOCK_J: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """The adjoint of `_fold_kernel`, in one launch.
+    """The adjoint of `fold_kernel`, in one launch.
 
         gV[o, j, t] = sum_i (gW[o, i, t] - gb[o] c[i]) U[j, i]          gd[o] = gb[o]
 
@@ -207,13 +215,13 @@ def _fold_bwd_kernel(
             mask=mask_k[:, None] & mask_c[None, :],
             other=0.0,
         ).to(acc_ty)
-        acc = tl.dot(a, ut, acc, input_precision="ieee", out_dtype=acc_ty)  # see _fold_kernel
+        acc = tl.dot(a, ut, acc, input_precision="ieee", out_dtype=acc_ty)  # see fold_kernel
     gv_off = o[:, None] * I * T + cols[None, :] * T + t[:, None]
     tl.store(gv_ptr + gv_off, acc.to(gv_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_c[None, :])
     tl.store(gd_ptr + o, gb.to(gd_ptr.dtype.element_ty), mask=mask_r & (t == 0) & (pid_j == 0))
 
 
-def _blocks(f64: bool) -> tuple[int, int, int, int]:
+def block_sizes(f64: bool) -> tuple[int, int, int, int]:
     """(BLOCK_R, BLOCK_I (BLOCK_J), BLOCK_K, BLOCK_O) for the default 4 warps.
 
     No register spills on sm_80 or sm_90 (64 x 64 x 32 float32 FMA tiles spill). No num_warps launch
@@ -244,7 +252,8 @@ def _check_uc(U: torch.Tensor, c: torch.Tensor, I: int, ref: torch.Tensor) -> No
             raise ValueError(f"{name} is on {t.device}, expected {ref.device}")
 
 
-def _acc_f64(*ts: torch.Tensor | None) -> bool:
+def accumulates_in_f64(*ts: torch.Tensor | None) -> bool:
+    """Whether the fold kernels accumulate in float64: when any of their inputs is float64."""
     return any(t is not None and t.dtype == torch.float64 for t in ts)
 
 
@@ -268,8 +277,8 @@ def fold_weights_launch(
         raise ValueError(f"d must have shape {(O,)} on {V.device}, got {tuple(d.shape)} on {d.device}")
     if O == 0:
         return None
-    f64 = _acc_f64(V, U, c, d)
-    block_r, block_i, block_k, block_o = _blocks(f64)
+    f64 = accumulates_in_f64(V, U, c, d)
+    block_r, block_i, block_k, block_o = block_sizes(f64)
     n_row = triton.cdiv(O * T, block_r)
     n_col = triton.cdiv(I, block_i)
     n_w = n_row * n_col if I > 0 else 0
@@ -329,7 +338,7 @@ def fold_weights(
     launch = fold_weights_launch(V, d, U, c, W, b)
     if launch is not None:
         grid, kwargs = launch
-        _fold_kernel[grid](**kwargs)
+        fold_kernel[grid](**kwargs)
     return W, b
 
 
@@ -350,8 +359,8 @@ def fold_weights_backward_launch(
         raise ValueError(f"gb must have shape {(O,)} on {gW.device}, got {tuple(gb.shape)} on {gb.device}")
     if O == 0 or I == 0:
         return None
-    f64 = _acc_f64(gW, gb, U, c)
-    block_r, block_j, block_k, _ = _blocks(f64)
+    f64 = accumulates_in_f64(gW, gb, U, c)
+    block_r, block_j, block_k, _ = block_sizes(f64)
     n_row = triton.cdiv(O * T, block_r)
     n_col = triton.cdiv(I, block_j)
     kwargs = dict(
@@ -401,7 +410,7 @@ def fold_weights_backward(
     launch = fold_weights_backward_launch(gW, gb, U, c, gV, gd)
     if launch is not None:
         grid, kwargs = launch
-        _fold_bwd_kernel[grid](**kwargs)
+        fold_bwd_kernel[grid](**kwargs)
     elif gW.shape[0] > 0:  # I == 0: no weights, the bias gradient still passes through
         gV.zero_()
         gd.copy_(gb)
