@@ -6,8 +6,10 @@ naive ops of prong_ext.reference and no fusion anywhere.
 - Statistics: a separate forward pass (no grad) over `num_samples` examples, each layer's input
   going through reference.covariance (float64) in a forward pre-hook.
 - Eigendecompositions: reference.whitening, a Python loop of torch.linalg.eigh.
-- Projection (float64): W = V U_old, b = d - W c_old; c = mu; V = W U^-1; d = b + W c; SGD
-  momentum / Adam exp_avg mapped to the new coordinates through U_old^-1 (torch.linalg.inv).
+- Projection (float64): W, b = reference.fold(V, d, U_old, c_old); c = mu;
+  V, d = reference.from_canonical(W, b, U^-1, c); SGD momentum / Adam exp_avg mapped to the new
+  coordinates by reference.canonical_gradient (through U_old^-1, from torch.linalg.inv) and
+  reference.fold_backward.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from torch.nn.modules.utils import _pair
 
 from prong_ext import reference
 
-__all__ = ["NaiveProng", "NaiveWhitenedConv2d", "NaiveWhitenedLinear", "whiten_naive"]
+__all__ = ["NaiveProng", "NaiveWhitened", "NaiveWhitenedConv2d", "NaiveWhitenedLinear", "whiten_naive"]
 
 
-class _NaiveWhitened(nn.Module):
+class NaiveWhitened(nn.Module):
+    """The buffers U, c and the parameters V, d (the plain layer's) of both naive layers."""
+
     def _take(self, layer: nn.Module) -> None:
         # the plain layer's parameter objects become V and d (an optimizer built before keeps them)
         self.V = layer.weight
@@ -34,7 +38,7 @@ class _NaiveWhitened(nn.Module):
         self.register_buffer("c", torch.zeros(n_in, **factory))
 
 
-class NaiveWhitenedLinear(_NaiveWhitened):
+class NaiveWhitenedLinear(NaiveWhitened):
     """z = V U (x - c) + d as two matmuls (reference.whitened_linear)."""
 
     def __init__(self, layer: nn.Linear):
@@ -45,7 +49,7 @@ class NaiveWhitenedLinear(_NaiveWhitened):
         return reference.whitened_linear(x, self.V, self.d, self.U, self.c)
 
 
-class NaiveWhitenedConv2d(_NaiveWhitened):
+class NaiveWhitenedConv2d(NaiveWhitened):
     """conv(U (pad(h) - c), V) + d as two convolutions (reference.whitened_conv2d)."""
 
     def __init__(self, layer: nn.Conv2d):
@@ -74,15 +78,6 @@ def whiten_naive(model: nn.Module) -> nn.Module:
     return model
 
 
-def _mul_in(a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """out[o, j, ...] = sum_i a[o, i, ...] m[i, j]."""
-    return torch.einsum("oi...,ij->oj...", a, m)
-
-
-def _taps(w: torch.Tensor) -> torch.Tensor:
-    return w.flatten(2).sum(-1) if w.dim() > 2 else w
-
-
 class NaiveProng:
     """Algorithm 1 of docs/algorithm.md with the naive ops: `step(data)` after every optimizer step
     re-whitens every `interval` updates (the first call included) from one separate forward pass
@@ -105,7 +100,7 @@ class NaiveProng:
         self.interval = interval
         self.num_samples = num_samples
         self.eps = eps
-        self.layers = {n: m for n, m in model.named_modules() if isinstance(m, _NaiveWhitened)}
+        self.layers = {n: m for n, m in model.named_modules() if isinstance(m, NaiveWhitened)}
         self.timings = {"statistics": 0.0, "eigh": 0.0, "projection": 0.0}
         self.updates = 0
 
@@ -166,25 +161,23 @@ class NaiveProng:
         self._sync()
         self.timings["projection"] += time.perf_counter() - start
 
-    def _project(self, layer: _NaiveWhitened, c, u, u_inv) -> None:
+    def _project(self, layer: NaiveWhitened, c, u, u_inv) -> None:
         f64 = torch.float64
         V, U_old, c_old = layer.V.to(f64), layer.U.to(f64), layer.c.to(f64)
-        W = _mul_in(V, U_old)
-        if layer.d is not None:
-            b = layer.d.to(f64) - _taps(W) @ c_old
-            layer.d.copy_(b + _taps(W) @ c)
+        W, b = reference.fold(V, None if layer.d is None else layer.d.to(f64), U_old, c_old)
+        new_v, new_d = reference.from_canonical(W, b, u_inv, c)
         state_v = self.optimizer.state.get(layer.V, {}) if self.optimizer is not None else {}
         state_d = self.optimizer.state.get(layer.d, {}) if layer.d is not None and self.optimizer else {}
         for key in ("momentum_buffer", "exp_avg"):
             g_v = state_v.get(key)
             if not isinstance(g_v, torch.Tensor):
                 continue
-            g_w = _mul_in(g_v.to(f64), torch.linalg.inv(U_old).T)
             g_d = state_d.get(key)
-            if isinstance(g_d, torch.Tensor):
-                outer = torch.outer(g_d.to(f64), c_old - c)
-                g_w = g_w + outer.view(*outer.shape, *([1] * (g_w.dim() - 2)))
-            g_v.copy_(_mul_in(g_w, u.T))
-        layer.V.copy_(_mul_in(W, u_inv))
+            g_d = g_d.to(f64) if isinstance(g_d, torch.Tensor) else None
+            g_w, _ = reference.canonical_gradient(g_v.to(f64), g_d, torch.linalg.inv(U_old), c_old)
+            g_v.copy_(reference.fold_backward(g_w, g_d, u, c)[0])
+        if layer.d is not None:
+            layer.d.copy_(new_d)
+        layer.V.copy_(new_v)
         layer.U.copy_(u)
         layer.c.copy_(c)

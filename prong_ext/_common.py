@@ -6,9 +6,9 @@
 - statistics: `outer` (a b^T, or its diagonal blocks for grouped layers), `finalize` (mean and
   covariance from sums about a shift);
 - the weight-shaped products of the fold (docs/algorithm.md, sections 6-7): `mul_in`,
-  `centre_term`, `outer_taps`, `taps_sum`, and the torch forms of the fold and of its gradient,
-  `fold` and `fold_backward`, which the torch path of prong_ext.ops and the Triton ops' path for
-  tensors off the GPU run.
+  `centre_term`, `outer_taps`, `taps_sum`, and the torch forms of the fold, of its gradient and
+  of its inverse, `fold`, `fold_backward` and `from_canonical`, which the torch path of
+  prong_ext.ops and the Triton ops' path for tensors off the GPU run.
 
 Nothing here imports another module of prong_ext. The naive forms the tests compare against are
 in prong_ext.reference, which does not use the products above.
@@ -27,6 +27,7 @@ __all__ = [
     "finalize",
     "fold",
     "fold_backward",
+    "from_canonical",
     "full_precision",
     "mul_in",
     "num_groups",
@@ -239,3 +240,14 @@ def fold_backward(
     """The gradients of `fold` with respect to V and d: gV = (gW - gb c^T) U^T at every tap (per
     group), gd = gb (the same tensor)."""
     return mul_in(gW - outer_taps(gb, c, gW), U.mT), gb
+
+
+def from_canonical(
+    W: torch.Tensor, b: torch.Tensor | None, U_inv: torch.Tensor, c: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The (V, d) that `fold` maps to (W, b) with the coefficients (U, c): V = W U^-1 at every tap
+    (per group), d = b + centre_term(W, c); d is b when b or c is None."""
+    V = mul_in(W, U_inv)
+    if b is None or c is None:
+        return V, b
+    return V, b + centre_term(W, c)

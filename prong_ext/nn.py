@@ -134,9 +134,9 @@ class WhitenedLayer(nn.Module):
             W_old, b_old = ops.fold(self.V.to(f64), self._d64(), self.U.to(f64), self._centre64())
             W = W_old if weight is None else _plain(weight).to(device=self.V.device, dtype=f64)
             b = b_old if bias is None else _plain(bias).to(device=self.V.device, dtype=f64)
-            new_v = ops.mul_in(W, torch.linalg.inv(self.U.to(f64)))
+            new_v, new_d = ops.from_canonical(W, b, torch.linalg.inv(self.U.to(f64)), self.c.to(f64))
             if self.d is not None:
-                self.d.copy_(b + ops.centre_term(W, self.c.to(f64)))
+                self.d.copy_(new_d)
             self.V.copy_(new_v)
 
     def _d64(self) -> torch.Tensor | None:

@@ -62,6 +62,7 @@ __all__ = [
     "covariance",
     "fold",
     "fold_is_cheaper",
+    "from_canonical",
     "mul_in",
     "outer_taps",
     "taps_sum",
@@ -550,6 +551,24 @@ def fold(
                 return triton_ops.fold(V, None, U, U.new_zeros(U.shape[0]))[0], d
             return triton_ops.fold(V, d, U, c)
         return _common.fold(V, d, U, c)
+
+
+def from_canonical(
+    W: torch.Tensor, b: torch.Tensor | None, U_inv: torch.Tensor, c: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The parameters (V, d) of a whitened layer with coefficients (U, c) whose canonical
+    parameters are (W, b): V = W U^-1 (at every tap), d = b + W c; the inverse of `fold`, and the
+    last step of a reparametrization (docs/algorithm.md, section 4). Runs with autocast off.
+
+    Args:
+        W: (O, I) or (O, I, kh, kw); b: (O,) or None; U_inv: U^-1, (I, I) or (G, I, I) (per
+            block); c: (I,) or (G * I,), or None (zero).
+
+    Returns:
+        V with W's shape, d: (O,), or b when b or c is None.
+    """
+    with full_precision(W.device):
+        return _common.from_canonical(W, b, U_inv, c)
 
 
 def _apply_blocks(U: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

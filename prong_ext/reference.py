@@ -6,7 +6,10 @@ it as the "naive" baseline, and its formulas are docs/algorithm.md's written out
 - covariance: permute to rows, center, one matmul (diagonal blocks sliced out for groups > 1);
 - whitened layers: the two-step form, whitening 1x1 conv by U on the centered (padded) input, then
   the layer's own conv/linear by V with no padding (grouped convs: one 1x1 conv per group);
-- eigendecomposition and whitening: a Python loop of torch.linalg.eigh, one layer at a time.
+- eigendecomposition and whitening: a Python loop of torch.linalg.eigh, one layer at a time;
+- the fold and the reparametrization (sections 4, 6-8): `fold` (W = V U, b = d - W c), its
+  gradient `fold_backward`, and their inverses given U^-1: `from_canonical` (V = W U^-1,
+  d = b + W c) and `canonical_gradient` (g_W = g_V U^-T + g_d c^T); one einsum per group of outputs.
 
 Every function computes in its inputs' dtype (pass float64 for an oracle). None of them uses the
 fused forms of prong_ext.ops.
@@ -21,8 +24,12 @@ from ._common import conv_padding, rows
 
 __all__ = [
     "batched_eigh",
+    "canonical_gradient",
     "conv_padding",
     "covariance",
+    "fold",
+    "fold_backward",
+    "from_canonical",
     "whitened_conv2d",
     "whitened_linear",
     "whitening",
@@ -153,3 +160,125 @@ def whitening(
         us.append(u)
         u_invs.append(u_inv)
     return us, u_invs
+
+
+# ---------------------------------------------------------------------------------------------
+# The fold and the reparametrization, one group of outputs at a time
+
+
+def _group_slices(outputs: int, groups: int, k: int) -> list[tuple[slice, slice]]:
+    """(outputs, input channels) of each group: outputs g*O/G..(g+1)*O/G-1 see channels g*k..(g+1)*k-1."""
+    per = outputs // groups
+    return [(slice(g * per, (g + 1) * per), slice(g * k, (g + 1) * k)) for g in range(groups)]
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _per_group(equation: str, a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """torch.einsum(equation, a[outputs of g], m_g) for each group g, over a's outputs in order;
+    m (k, k) is one block for all outputs, m (G, k, k) block g for group g."""
+    blocks = m if m.dim() == 3 else m.unsqueeze(0)
+    slices = _group_slices(a.shape[0], blocks.shape[0], blocks.shape[1])
+    return _cat([torch.einsum(equation, a[o], block) for block, (o, _) in zip(blocks, slices)])
+
+
+def _by_channel(c: torch.Tensor, like: torch.Tensor) -> list[tuple[slice, slice]]:
+    k = like.shape[1]
+    return _group_slices(like.shape[0], c.numel() // k if k else 1, k)
+
+
+def _centre(W: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """sum_{i, t} W[o, i, t] c[g(o) k + i] for each output o."""
+    return _cat([torch.einsum("oi...,i->o", W[o], c[i]) for o, i in _by_channel(c, W)])
+
+
+def _times_taps(g: torch.Tensor, c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """g[o] c[g(o) k + i] at every tap of a weight shaped like `like` (broadcastable to it)."""
+    dims = like.dim()
+    return _cat(
+        [
+            g[o].reshape((-1,) + (1,) * (dims - 1)) * c[i].reshape((1, -1) + (1,) * (dims - 2))
+            for o, i in _by_channel(c, like)
+        ]
+    )
+
+
+def fold(
+    V: torch.Tensor, d: torch.Tensor | None, U: torch.Tensor, c: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Canonical parameters of a whitened layer (docs/algorithm.md, sections 1, 6, 7).
+
+        W[o, i, t] = sum_j V[o, j, t] U_g(o)[j, i]
+        b[o]       = d[o] - sum_{i, t} W[o, i, t] c[g(o) k + i]
+
+    Args:
+        V: (O, k) or (O, k, kh, kw); d: (O,) or None (zero); U: (k, k), or (G, k, k) for a grouped
+            layer (output o in group g(o) = o // (O / G)); c: (G k,) or None (zero).
+
+    Returns:
+        W (V's shape) and b (O,); b is d when c is None.
+    """
+    W = _per_group("oj...,ji->oi...", V, U)
+    if c is None:
+        return W, d
+    wc = _centre(W, c)
+    return W, (-wc if d is None else d - wc)
+
+
+def fold_backward(
+    gW: torch.Tensor, gb: torch.Tensor | None, U: torch.Tensor, c: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradients of `fold` with respect to V and d from those of W and b (section 6).
+
+        gV[o, j, t] = sum_i (gW[o, i, t] - gb[o] c[g(o) k + i]) U_g(o)[j, i]
+        gd          = gb
+
+    Args:
+        gW: (O, k) or (O, k, kh, kw); gb: (O,) or None (zero); U and c as in `fold`.
+
+    Returns:
+        gV (gW's shape) and gd (gb itself).
+    """
+    a = gW if gb is None or c is None else gW - _times_taps(gb, c, gW)
+    return _per_group("oi...,ji->oj...", a, U), gb
+
+
+def from_canonical(
+    W: torch.Tensor, b: torch.Tensor | None, U_inv: torch.Tensor, c: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The parameters that `fold` maps to (W, b) for the coefficients (U, c): the last step of a
+    reparametrization (section 4).
+
+        V[o, j, t] = sum_i W[o, i, t] U_g(o)^-1[i, j]
+        d[o]       = b[o] + sum_{i, t} W[o, i, t] c[g(o) k + i]
+
+    Args:
+        W: (O, k) or (O, k, kh, kw); b: (O,) or None; U_inv: U^-1 per block, shaped as U in `fold`;
+            c: (G k,) or None (zero).
+
+    Returns:
+        V (W's shape) and d (O,); d is b when b or c is None.
+    """
+    V = _per_group("oi...,ij->oj...", W, U_inv)
+    return V, (b if b is None or c is None else b + _centre(W, c))
+
+
+def canonical_gradient(
+    gV: torch.Tensor, gd: torch.Tensor | None, U_inv: torch.Tensor, c: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The inverse of `fold_backward`: a covector in (V, d) as one in the canonical (W, b)
+    (section 8).
+
+        gW[o, i, t] = sum_j gV[o, j, t] U_g(o)^-1[i, j] + gd[o] c[g(o) k + i]
+        gb          = gd
+
+    Args:
+        gV: (O, k) or (O, k, kh, kw); gd: (O,) or None (zero); U_inv and c as in `from_canonical`.
+
+    Returns:
+        gW (gV's shape) and gb (gd itself).
+    """
+    gW = _per_group("oj...,ij->oi...", gV, U_inv)
+    return (gW if gd is None or c is None else gW + _times_taps(gd, c, gV)), gd

@@ -330,11 +330,12 @@ class EvalRoundingBound(RoundingBound):
             V, d, U, c = self._parts(m)
             z = self._apply(m, h, V, d, U, c)
             size = self._apply(m, h.abs(), *self._abs(V, d, U, c))
-            from prong_ext import ops
+            from prong_ext import reference
 
             eye = torch.eye(U.shape[-1], dtype=U.dtype).expand_as(U).contiguous()  # per group
             # e padded as the layer pads h - c (zeros padding: exact zeros), then |V U|'s taps
-            through = self._apply(m, err, ops.mul_in(V, U).abs(), None, eye, torch.zeros_like(c))
+            W = reference.fold(V, None, U, None)[0]
+            through = self._apply(m, err, W.abs(), None, eye, torch.zeros_like(c))
             k = self._counts(m, V, U, z)["forward"] + self.extra.get(m, 0)
             return z, through + self.gamma(k) * size
         return super()._forward(m, h, err)

@@ -76,8 +76,7 @@ def test_autocast_output_is_the_plain_op_of_the_float32_fold(name, amp_dtype, de
         out = layer(x)
         expected = _plain_op(layer, x, W32, b32)
         # what a fold under autocast would give: W rounded from low-precision products
-        W_low = ops.mul_in(layer.V, layer.U)
-        b_low = layer.d - ops.centre_term(W_low, layer.c)
+        W_low, b_low = reference.fold(layer.V, layer.d, layer.U, layer.c)
         low = _plain_op(layer, x, W_low, b_low)
         assert out.dtype == plain(x).dtype == amp_dtype
     assert W_low.dtype == amp_dtype

@@ -171,7 +171,7 @@ def test_naive_prong_matches_prong():
     assert_within(m_naive(x), before, bound, "naive")
     assert_within(m_prong(x), before, bound, "prong")
     plain = [m for m in base.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
-    naive_layers = [m for m in m_naive.modules() if isinstance(m, naive._NaiveWhitened)]
+    naive_layers = [m for m in m_naive.modules() if isinstance(m, naive.NaiveWhitened)]
     for layer, a, b in zip(plain, naive_layers, whitened):
         # the statistics: float64 sums over the layer's input rows (reference.covariance's and
         # the accumulator's), each within gamma_(M + 2) of their terms

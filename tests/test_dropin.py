@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 import prong_ext
 from helpers import RoundingBound, assert_within, data, gamma
-from prong_ext import Prong, WhitenedConv2d, WhitenedLinear, ops
+from prong_ext import Prong, WhitenedConv2d, WhitenedLinear, reference
 
 
 def _randomize_whitening(layer, seed=3):
@@ -49,8 +49,7 @@ def _fold_bounds(layer, roundings=0):
     (one per further write that rounded V and d again)."""
     V, U = layer.V.detach().double().abs(), layer.U.double().abs()
     k_u, taps_k = U.shape[-1], V[0].numel()
-    w = ops.mul_in(V, U)
-    b = layer.d.detach().double().abs() + ops.centre_term(w, layer.c.double().abs())
+    w, b = reference.fold(V, layer.d.detach().double().abs(), U, -layer.c.double().abs())
     return gamma(k_u + 2 + roundings) * w, gamma(k_u + taps_k + 3 + roundings) * b
 
 

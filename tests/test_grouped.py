@@ -161,6 +161,35 @@ def test_grouped_fold_equals_loops():
     assert torch.equal(W_none, W)
 
 
+@pytest.mark.parametrize("groups,taps", [(1, ()), (1, (2, 3)), (3, (2, 2))])
+def test_reference_fold_forms_equal_loops_and_invert(groups, taps):
+    """The oracle's fold and gradient against loops of docs/algorithm.md's formulas; its inverses
+    given U^-1 undo them; ops.from_canonical equals reference.from_canonical."""
+    k, per = 2, 2
+    O = groups * per
+    V, gW = torch.randn(O, k, *taps, dtype=F64), torch.randn(O, k, *taps, dtype=F64)
+    d, gb = torch.randn(O, dtype=F64), torch.randn(O, dtype=F64)
+    U = _blocks(groups, k) if groups > 1 else _blocks(1, k)[0]
+    c = torch.randn(groups * k, dtype=F64)
+    W, b = reference.fold(V, d, U, c)
+    gV, gd = reference.fold_backward(gW, gb, U, c)
+    assert gd is gb and reference.fold(V, None, U, None)[1] is None
+    for o in range(O):
+        u, cg = U.view(groups, k, k)[o // per], c[o // per * k : (o // per + 1) * k]
+        w = torch.stack([sum(V[o, j] * u[j, i] for j in range(k)) for i in range(k)])
+        torch.testing.assert_close(W[o], w, **F64_TOL)
+        torch.testing.assert_close(b[o], d[o] - sum((w[i] * cg[i]).sum() for i in range(k)), **F64_TOL)
+        g = torch.stack([sum((gW[o, i] - gb[o] * cg[i]) * u[j, i] for i in range(k)) for j in range(k)])
+        torch.testing.assert_close(gV[o], g, **F64_TOL)
+    U_inv = torch.linalg.inv(U)
+    for got, want in zip(reference.from_canonical(W, b, U_inv, c), (V, d)):
+        torch.testing.assert_close(got, want, **F64_TOL)
+    for got, want in zip(reference.canonical_gradient(gV, gd, U_inv, c), (gW, gb)):
+        torch.testing.assert_close(got, want, **F64_TOL)
+    for got, want in zip(ops.from_canonical(W, b, U_inv, c), reference.from_canonical(W, b, U_inv, c)):
+        torch.testing.assert_close(got, want, **F64_TOL)
+
+
 def test_triton_backend_rejects_groups_and_auto_falls_back(monkeypatch):
     x, V, d, U, c = _oracle_inputs(4, 6, 2, 3, 2, (5, 5), True)
     with pytest.raises(ValueError, match="groups=1"):
@@ -345,9 +374,10 @@ def test_whiten_unwhiten_round_trip_with_a_depthwise_conv():
                 c.zero_()
             layer.U.copy_(U)
             layer.c.copy_(c)
-            layer.V.copy_(ops.mul_in(W, torch.linalg.inv(U)))
+            V, d = reference.from_canonical(W, b, torch.linalg.inv(U), c)
+            layer.V.copy_(V)
             if layer.d is not None:
-                layer.d.copy_(b + ops.centre_term(W, c))
+                layer.d.copy_(d)
     assert not torch.equal(model[2].V, model[2].canonical()[0])  # the whitening does something
     whitened = model(x)
     torch.testing.assert_close(whitened, before, **F64_TOL)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from helpers import F64_TOL, MODELS, assert_within, cond, data, eval_out, eval_rounding_bound, rel, tol
-from prong_ext import Prong, WhitenedConv2d, WhitenedLinear, ops, whiten
+from prong_ext import Prong, WhitenedConv2d, WhitenedLinear, reference, whiten
 
 
 def _whitened(name):
@@ -61,10 +61,11 @@ def test_whitened_layer_inputs_have_the_expected_covariance():
     Prong(layer, interval=1, num_samples=400, eps=eps).reparametrize(x)
     white = (x - layer.c) @ layer.U.T
     cov = white.T @ white / len(x)
-    lam = torch.linalg.eigvalsh(ops.covariance(x)[1])
+    sigma = reference.covariance(x)[1]
+    lam = torch.linalg.eigvalsh(sigma)
     # float64 throughout: the bounds of the sums over the 400 rows, in units of their terms
     u_abs = layer.U.abs()
-    scale = (u_abs @ ops.covariance(x, dtype=torch.float64)[1].abs() @ u_abs.T).max().item()
+    scale = (u_abs @ sigma.abs() @ u_abs.T).max().item()
     torch.testing.assert_close(
         cov, torch.diag(lam / (lam + eps)), **tol(torch.float64, n=len(x) + 12, scale=scale)
     )
@@ -154,12 +155,9 @@ def test_transform_keeps_momentum_direction_in_canonical_coordinates(name, opt_n
         for name, layer in prong.layers.items():
             g_v = opt.state[layer.V][key].double()
             u, c = layer.U.double(), layer.c.double()
-            g_w = ops.mul_in(g_v, torch.linalg.inv(u).mT)  # per block for grouped convs
-            if layer.d is None:
-                out[name] = (g_w, None)
-                continue
-            g_d = opt.state[layer.d][key].double()
-            out[name] = (g_w + ops.outer_taps(g_d, c, g_w), g_d)
+            g_d = None if layer.d is None else opt.state[layer.d][key].double()
+            # g_W = g_V U^-T + g_d c^T, per block for grouped convs
+            out[name] = reference.canonical_gradient(g_v, g_d, torch.linalg.inv(u), c)
         return out
 
     before = canonical_moments()

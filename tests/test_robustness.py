@@ -30,7 +30,7 @@ from torch import nn
 
 import prong_ext
 from helpers import MODELS, assert_within, cond, data, eval_out, eval_rounding_bound, rel, tol, unit_roundoff
-from prong_ext import Prong, WhitenedConv2d, WhitenedLinear, ops, whiten
+from prong_ext import Prong, WhitenedConv2d, WhitenedLinear, ops, reference, whiten
 
 OUT_FEATURES = {"mlp": 5, "cnn": 7}
 F32_ROUNDING = unit_roundoff(torch.float32)
@@ -113,9 +113,7 @@ def _canonical_moments(prong, opt, key) -> dict:
         g_v = opt.state[layer.V][key].double()
         g_d = opt.state[layer.d][key].double()
         u, c = layer.U.double(), layer.c.double()
-        g_w = ops.mul_in(g_v, torch.linalg.inv(u).T)
-        g_w = g_w + torch.outer(g_d, c).view(*g_d.shape, -1, *([1] * (g_v.dim() - 2)))
-        out[name] = (g_w, g_d)
+        out[name] = reference.canonical_gradient(g_v, g_d, torch.linalg.inv(u), c)
     return out
 
 
@@ -593,9 +591,10 @@ def test_rescale_scales_the_rows_of_u_to_unit_second_moment(name, opt_name):
             assert ((var - 1).abs() <= var_tol).all(), f"update {t}, layer {lname}: {var - 1} vs {var_tol}"
             # V compensates exactly: V U (the canonical W) unchanged up to rounding (V's columns
             # and U's rows each rounded twice, relative to |V| |U|)
-            w_before = ops.mul_in(layers[lname, "V"].double(), layers[lname, "U"].double())
-            w_after = ops.mul_in(layer.V.detach().double(), u)
-            w_abs = ops.mul_in(layers[lname, "V"].double().abs(), layers[lname, "U"].double().abs())
+            v_old, u_old = layers[lname, "V"].double(), layers[lname, "U"].double()
+            w_before, _ = reference.fold(v_old, None, u_old, None)
+            w_after, _ = reference.fold(layer.V.detach().double(), None, u, None)
+            w_abs, _ = reference.fold(v_old.abs(), None, u_old.abs(), None)
             w_tol = 2 * 4 * F32_ROUNDING * (w_abs.norm() / w_before.norm()).item()
             assert rel(w_after, w_before) <= w_tol, f"{t} {lname}"
             # the optimizer state follows: columns times the change of D (squared for exp_avg_sq),

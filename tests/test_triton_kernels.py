@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from helpers import unit_roundoff
 from prong_ext import _triton_ops as ops
 from prong_ext import ops as prong_ops
+from prong_ext import reference
 from prong_ext._common import finalize
 from prong_ext.triton_kernels import covariance as cov_module
 from prong_ext.triton_kernels.covariance import cov_accum_kernel, cov_accumulate, cov_accumulate_launch
@@ -49,20 +50,9 @@ def shifted_sums64(x, shift):
     return y.sum(0), y.T @ y
 
 
-def fold64(V, d, U, c):
-    V, U, c = V.double(), U.double(), c.double()
-    W = torch.einsum("oj...,ji->oi...", V, U)
-    b = -torch.einsum("oi...,i->o", W, c)
-    if d is not None:
-        b = b + d.double()
-    return W, b
-
-
-def fold_backward64(gW, gb, U, c):
-    gW, gb, U, c = gW.double(), gb.double(), U.double(), c.double()
-    cc = c.reshape((1, -1) + (1,) * (gW.dim() - 2))
-    a = gW - gb.reshape((-1,) + (1,) * (gW.dim() - 1)) * cc
-    return torch.einsum("oi...,ji->oj...", a, U), gb
+def f64(*ts):
+    """The tensors in float64 (None stays None): the oracle's inputs."""
+    return [None if t is None else t.double() for t in ts]
 
 
 def covariance32(x):
@@ -477,11 +467,11 @@ def test_fold_matches_float64(device, shape, layout, has_d):
     V, d, U, c = make_fold_inputs(shape, layout, torch.float32, device)
     d = d if has_d else None
     W, b = poisoned_fold(V, d, U, c)
-    eW, eb = fold64(V, d, U, c)
+    eW, eb = reference.fold(*f64(V, d, U, c))
     assert W.shape == V.shape and W.is_contiguous() and b.shape == (V.shape[0],)
     # float32 sums of I products for W, then of I more for b: their bounds, in units of the
     # sums of the terms' sizes (the same fold of |V|, |d|, |U|, |c|)
-    aW, ab = fold64(V.abs(), None if d is None else d.abs(), U.abs(), -c.abs())
+    aW, ab = reference.fold(*f64(V.abs(), None if d is None else d.abs(), U.abs(), -c.abs()))
     n = V.shape[1]
     assert_within(W, eW, 2 * (n + 1) * F32_U * aW)
     assert_within(b, eb, 2 * (2 * n + 2) * F32_U * ab)
@@ -494,16 +484,11 @@ def test_fold_matches_float64(device, shape, layout, has_d):
 def test_fold_backward_matches_float64(device, shape, layout):
     gW, gb, U, c = make_fold_inputs(shape, layout, torch.float32, device)
     gV, gd = poisoned_fold_backward(gW, gb, U, c)
-    egV, egd = fold_backward64(gW, gb, U, c)
+    egV, egd = reference.fold_backward(*f64(gW, gb, U, c))
     assert gV.shape == gW.shape and gV.is_contiguous()
     # gV = (gW - gb c^T) U^T in float32: I products and one subtraction per term (the same
     # computation of |gW| + |gb| |c|^T and |U| bounds the sizes of the terms)
-    agV = torch.einsum(
-        "oi...,ji->oj...",
-        gW.double().abs()
-        + (gb.double().abs()[:, None] * c.double().abs()).view(gW.shape[:2] + (1,) * (gW.dim() - 2)),
-        U.double().abs(),
-    )
+    agV, _ = reference.fold_backward(*f64(gW.abs(), gb.abs(), U.abs(), -c.abs()))
     assert_within(gV, egV, 2 * (gW.shape[1] + 2) * F32_U * agV)
     assert torch.equal(gd, gb)
     gV2, gd2 = fold_weights_backward(gW, gb, U, c)
@@ -532,19 +517,17 @@ def test_fold_half_precision(device, dtype, uc_dtype, shape):
     V, d, U, c = make_fold_inputs(shape, "sliced", dtype, device, uc_dtype)
     W, b = poisoned_fold(V, d, U, c)
     assert W.dtype == dtype and b.dtype == dtype
-    eW, eb = fold64(V, d, U, c)
+    eW, eb = reference.fold(*f64(V, d, U, c))
     assert_one_rounding(W, eW)
     assert_one_rounding(b, eb)
     gV, gd = poisoned_fold_backward(V, d, U, c)
-    egV, _ = fold_backward64(V, d, U, c)
+    egV, _ = reference.fold_backward(*f64(V, d, U, c))
     assert gV.dtype == dtype and torch.equal(gd, d)
     assert_one_rounding(gV, egV)
     if ops.INTERPRETED and dtype == torch.bfloat16:
         return
-    tW = torch.einsum("oj...,ji->oi...", V, U.to(dtype))  # plain torch at dtype
-    tb = d - torch.einsum("oi...,i->o", tW, c.to(dtype))
-    cc = c.to(dtype).reshape((1, -1) + (1,) * (V.dim() - 2))
-    tgV = torch.einsum("oi...,ji->oj...", V - d.reshape((-1,) + (1,) * (V.dim() - 1)) * cc, U.to(dtype))
+    tW, tb = reference.fold(V, d, U.to(dtype), c.to(dtype))  # plain torch at dtype
+    tgV, _ = reference.fold_backward(V, d, U.to(dtype), c.to(dtype))
     assert rel_err(W, eW) <= 2 * rel_err(tW, eW) + 1e-6
     assert rel_err(b, eb) <= 2 * rel_err(tb, eb) + 1e-6
     assert rel_err(gV, egV) <= 2 * rel_err(tgV, egV) + 1e-6
@@ -553,7 +536,7 @@ def test_fold_half_precision(device, dtype, uc_dtype, shape):
 def test_fold_float64_accumulates_in_float64(device):
     V, d, U, c = make_fold_inputs((4, 9, 2, 2), "sliced", torch.float64, device, torch.float64)
     W, b = poisoned_fold(V, d, U, c)
-    eW, eb = fold64(V, d, U, c)
+    eW, eb = reference.fold(V, d, U, c)
     torch.testing.assert_close(W, eW, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(b, eb, rtol=1e-12, atol=1e-12)
 
@@ -642,15 +625,15 @@ def test_ops_take_the_torch_path_where_triton_does_not_run(device, shape, monkey
     monkeypatch.setattr(ops, "_runs_triton", lambda t: False)
     V, d, U, c = make_fold_inputs(shape, "sliced", torch.float32, device)
     W, b = ops.fold(V, d, U, c)
-    eW, eb = fold64(V, d, U, c)
-    aW, ab = fold64(V.abs(), d.abs(), U.abs(), -c.abs())
+    eW, eb = reference.fold(*f64(V, d, U, c))
+    aW, ab = reference.fold(*f64(V.abs(), d.abs(), U.abs(), -c.abs()))
     n, terms = V.shape[1], V[0].numel()  # b sums W over the taps, then with c
     assert W.dtype == b.dtype == torch.float32 and W.is_contiguous()
     assert_within(W, eW, 2 * (n + 1) * F32_U * aW)
     assert_within(b, eb, 2 * (n + terms + 2) * F32_U * ab)
     gV, gd = ops.fold_backward(V, d, U, c)
-    egV, _ = fold_backward64(V, d, U, c)
-    agV, _ = fold_backward64(V.abs(), d.abs(), U.abs(), -c.abs())
+    egV, _ = reference.fold_backward(*f64(V, d, U, c))
+    agV, _ = reference.fold_backward(*f64(V.abs(), d.abs(), U.abs(), -c.abs()))
     assert_within(gV, egV, 2 * (n + 2) * F32_U * agV)
     assert torch.equal(gd, d) and gd.data_ptr() != d.data_ptr()
     x = make_x("channels_last", 3, 37, device=device)
@@ -682,14 +665,6 @@ def test_fold_gradcheck(device, shape, has_d):
         assert V.grad is not None
 
 
-def two_conv_reference(x, V, d, U, c, stride, padding, dilation):
-    """Pad x, center by c, 1x1 conv by U, then the k x k conv by V with no padding and bias d."""
-    ph, pw = padding
-    h = F.pad(x, (pw, pw, ph, ph)) - c.reshape(1, -1, 1, 1)
-    h = F.conv2d(h, U[:, :, None, None])
-    return F.conv2d(h, V, d, stride=stride, dilation=dilation)
-
-
 def whitened_conv(x, V, d, U, c, stride, padding, dilation):
     return F.conv2d(x, *ops.fold(V, d, U, c), stride=stride, padding=padding, dilation=dilation)
 
@@ -704,7 +679,7 @@ def test_whitened_conv_matches_two_conv_reference(device, stride, padding, dilat
     d.requires_grad_()
     args = (U, c, stride, padding, dilation)
     got = whitened_conv(x, V, d, *args)
-    want = two_conv_reference(x, V, d, *args)
+    want = reference.whitened_conv2d(x, V, d, *args)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     g = torch.randn_like(got)
     grads = torch.autograd.grad(got, (x, V, d), g)
