@@ -333,10 +333,9 @@ class CovarianceAccumulator:
         if device is not None:
             tensors = [None if t is None else t.to(device) for t in tensors]
         self.count = count
-        if "s1" in state:  # float32 sums in states written before the sums were float64
+        if "s1" in state:
             self.mean = self.m2 = None
-            shift, s1, s2 = tensors
-            self._triton_state = (shift.float(), s1.double(), s2.double()) if count else None
+            self._triton_state = tuple(tensors) if count else None
         else:
             self._triton_state = None
             self.mean, self.m2 = tensors if count else (None, None)
