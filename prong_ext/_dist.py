@@ -13,7 +13,7 @@ import heapq
 import torch
 import torch.distributed as dist
 
-from .ops import _outer
+from ._common import outer
 
 __all__ = ["assign_by_cost", "default_group", "merge_statistics", "share_results", "sum_over_ranks", "world"]
 
@@ -97,7 +97,7 @@ def merge_statistics(stats: list[tuple], shapes: list[torch.Size], device, group
         if count:
             moments.append(
                 (
-                    cov * count + count * _outer(mean - mu, mean - mu, shape[0] if len(shape) == 3 else 1)
+                    cov * count + count * outer(mean - mu, mean - mu, shape[0] if len(shape) == 3 else 1)
                 ).flatten()
             )
         else:

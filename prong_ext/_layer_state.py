@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from . import ops
+from ._common import all_finite, full_precision, outer, outer_taps
 from .nn import WhitenedConv2d, WhitenedLinear
 
 __all__ = ["INPUT", "Side", "Window", "WhiteningState", "synchronize", "to_device", "whitening_pairs"]
@@ -38,7 +39,7 @@ def _forward_input(module: nn.Module, fn: Callable[[nn.Module, torch.Tensor], No
 
 def _input_columns(ratio: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     """ratio on V's input columns, at every tap: V-shaped."""
-    return ops.outer_taps(ratio.new_ones(V.shape[0]), ratio, V)
+    return outer_taps(ratio.new_ones(V.shape[0]), ratio, V)
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,7 @@ class WhiteningState:
         """The matrix to decompose: the covariance, or the second moment about 0 when not centred."""
         if self.centred:
             return cov
-        return cov + ops._outer(mean, mean, self.groups)
+        return cov + outer(mean, mean, self.groups)
 
     def hook(self, fn: Callable[[nn.Module, torch.Tensor], None]) -> RemovableHandle:
         """Registers fn(module, x) on the layer, x the tensor holding the side's samples."""
@@ -217,7 +218,7 @@ class WhiteningState:
         if isinstance(self.module, WhitenedConv2d):  # (N, C, H, W) or (C, H, W): channels last
             x = x.movedim(-3, -1)
         rows = x.reshape(-1, self.num_features)
-        with torch.no_grad(), ops._full_precision(rows.device):
+        with torch.no_grad(), full_precision(rows.device):
             dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
             u = self.matrix.to(dtype)
             blocks = u.shape[0] if u.dim() == 3 else 1
@@ -298,7 +299,7 @@ def whitening_pairs(mats: list[torch.Tensor], eps: float, kind: str) -> list:
     except RuntimeError:  # torch.linalg.LinAlgError and the extension's errors
         pairs = [None] * len(blocks)
     # one check of every block's U and U^-1
-    finite = iter(ops._all_finite([t for pair in pairs if pair is not None for t in pair]))
+    finite = iter(all_finite([t for pair in pairs if pair is not None for t in pair]))
     for i, pair in enumerate(pairs):
         if pair is None or not all([next(finite) for _ in pair]):
             pairs[i] = _retry(blocks[i], eps, kind)
@@ -319,6 +320,6 @@ def _retry(mat: torch.Tensor, eps: float, kind: str) -> tuple | None:
         (u,), (u_inv,) = ops.whitening([mat.double()], eps, kind, backend="torch")
     except RuntimeError:
         return None
-    if not all(ops._all_finite([u, u_inv])):
+    if not all(all_finite([u, u_inv])):
         return None
     return u, u_inv

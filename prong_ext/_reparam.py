@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import ops
+from ._common import centre_term, mul_in, outer_taps
 
 __all__ = ["FIRST_MOMENTS", "SECOND_MOMENTS", "moved_moments", "project", "scale_moments", "write"]
 
@@ -31,8 +32,8 @@ def project(layer: nn.Module, mean: torch.Tensor, u: torch.Tensor, u_inv: torch.
     c_old = None if d is None else layer.c.to(f64)
     W, b = ops.fold(V, d, U_old, c_old)
     c = mean if d is not None else torch.zeros_like(mean)
-    new_d = None if d is None else b + ops.centre_term(W, c)
-    return {"V": ops.mul_in(W, u_inv), "d": new_d, "U": u, "c": c}, (U_old, c_old)
+    new_d = None if d is None else b + centre_term(W, c)
+    return {"V": mul_in(W, u_inv), "d": new_d, "U": u, "c": c}, (U_old, c_old)
 
 
 def moved_moments(
@@ -70,10 +71,10 @@ def moved_moments(
             u_inv_old = inverse(u_old)
         # the covector in theta = (W, b): g_W = g_V U^-T + g_d c^T (at every tap), and back
         # to the new coordinates: g_V' = (g_W - g_d c'^T) U'^T; g_d' = g_d
-        g_w = ops.mul_in(g_v.to(f64), u_inv_old.mT)
+        g_w = mul_in(g_v.to(f64), u_inv_old.mT)
         if g_d is not None:
-            g_w = g_w + ops.outer_taps(g_d, c_old, g_w) - ops.outer_taps(g_d, new["c"], g_w)
-        out[key] = ops.mul_in(g_w, new["U"].mT)
+            g_w = g_w + outer_taps(g_d, c_old, g_w) - outer_taps(g_d, new["c"], g_w)
+        out[key] = mul_in(g_w, new["U"].mT)
     return out
 
 

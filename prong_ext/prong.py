@@ -18,10 +18,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import _dist, _reparam, ops
+from ._common import all_finite
 from ._dist import assign_by_cost
 from ._layer_state import WhiteningState, Window, synchronize, whitening_pairs
 from .convert import tied_parameters
-from .nn import _Whitened
+from .nn import WhitenedLayer
 
 __all__ = ["Prong", "assign_by_cost"]
 
@@ -128,7 +129,7 @@ class Prong:
         self.whitening = whitening
         self.optimizer_state = optimizer_state
         self.max_features = max_features
-        self.layers: dict[str, _Whitened] = _select_layers(model, max_features)
+        self.layers: dict[str, WhitenedLayer] = _select_layers(model, max_features)
         # one state per whitened side, in the order of self.layers
         self._sides = [WhiteningState(name, module) for name, module in self.layers.items()]
 
@@ -431,7 +432,7 @@ class Prong:
                 f"no statistics for layer(s) {missing} (no input reached them); they keep their whitening",
                 stacklevel=4,
             )
-        finite = ops._all_finite(means + mats)
+        finite = all_finite(means + mats)
         bad = [side.name for i, side in enumerate(sides) if not (finite[i] and finite[len(sides) + i])]
         if bad:
             raise ValueError(
@@ -473,7 +474,7 @@ class Prong:
             (side, *self._project(side.module, mean, u, u_inv), u_inv) for side, (u, u_inv, mean) in kept
         ]
         checked = [(side.name, t) for side, new, _, _ in updates for t in new.values() if t is not None]
-        finite = ops._all_finite([t for _, t in checked])
+        finite = all_finite([t for _, t in checked])
         bad = list(dict.fromkeys(n for (n, _), ok in zip(checked, finite) if not ok))
         if bad:
             raise ValueError(
@@ -537,7 +538,7 @@ class Prong:
             for side, count, total in zip(self._sides, counts, sums)
             if count
         ]
-        bad = [side.name for (side, _), ok in zip(ratios, ops._all_finite([r for _, r in ratios])) if not ok]
+        bad = [side.name for (side, _), ok in zip(ratios, all_finite([r for _, r in ratios])) if not ok]
         if bad:
             raise ValueError(
                 f"non-finite input statistics (NaN or Inf in the inputs) of layer(s) {bad} while "
@@ -657,10 +658,10 @@ def _check_arguments(
         raise TypeError(f"{rescale=} must be a bool")
 
 
-def _select_layers(model: nn.Module, max_features: int) -> dict[str, _Whitened]:
+def _select_layers(model: nn.Module, max_features: int) -> dict[str, WhitenedLayer]:
     """The model's whitened layers Prong can re-whiten, by name; warns about those it leaves (wider
     than max_features, or with parameters other modules hold too)."""
-    whitened = [(n, m) for n, m in model.named_modules() if isinstance(m, _Whitened)]
+    whitened = [(n, m) for n, m in model.named_modules() if isinstance(m, WhitenedLayer)]
     if not whitened:
         raise ValueError(
             "the model has no whitened layer (WhitenedLinear / WhitenedConv2d); "
