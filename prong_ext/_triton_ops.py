@@ -157,44 +157,40 @@ _fold_op = _register("fold", _fold_impl, _fold_fake, _FOLD_SCHEMA, ())
 _fold_bwd_op = _register("fold_backward", _fold_backward_impl, _fold_backward_fake, _FOLD_BWD_SCHEMA, ())
 
 
-def _fold_setup_context(ctx, inputs, output) -> None:
-    V, d, U, c = inputs
+def _setup_context(ctx, inputs, output) -> None:
+    """Both ops' inputs are (a weight-shaped tensor, a vector per output or None, U, c): the
+    backward keeps U and c, whether the vector was given, and the first input's shape, dtype
+    and device (for the zeros of a gradient that does not flow)."""
+    weight, vector, U, c = inputs
     ctx.save_for_backward(U, c)
-    ctx.has_d = d is not None
-    ctx.v_meta = (V.shape, V.dtype, V.device)
+    ctx.has_vector = vector is not None
+    ctx.meta = (weight.shape, weight.dtype, weight.device)
+
+
+def _or_zeros(ctx, g: Tensor | None, per_output: bool = False) -> Tensor:
+    shape, dtype, device = ctx.meta
+    return torch.zeros(shape[:1] if per_output else shape, dtype=dtype, device=device) if g is None else g
 
 
 def _fold_autograd(ctx, gW: Tensor | None, gb: Tensor | None):
     U, c = ctx.saved_tensors
-    shape, dtype, device = ctx.v_meta
-    if gW is None:
-        gW = torch.zeros(shape, dtype=dtype, device=device)
-    if gb is None:
-        gb = torch.zeros(shape[0], dtype=dtype, device=device)
+    gW, gb = _or_zeros(ctx, gW), _or_zeros(ctx, gb, per_output=True)
     with full_precision(gW.device):
         gV, gd = torch.ops.prong_ext.fold_backward(gW, gb, U, c)
-    return gV, (gd if ctx.has_d else None), None, None
-
-
-def _fold_backward_setup_context(ctx, inputs, output) -> None:
-    gW, gb, U, c = inputs
-    ctx.save_for_backward(U, c)
-    ctx.g_meta = (gW.shape, gW.dtype, gW.device)
+    return gV, (gd if ctx.has_vector else None), None, None
 
 
 def _fold_backward_autograd(ctx, ggV: Tensor | None, ggd: Tensor | None):
     # (gV, gd) = fold_backward(gW, gb) is linear; its adjoint is fold: (ggW, ggb) = fold(ggV, ggd).
     U, c = ctx.saved_tensors
-    shape, dtype, device = ctx.g_meta
-    if ggV is None:
-        ggV = torch.zeros(shape, dtype=dtype, device=device)
+    ggV = _or_zeros(ctx, ggV)
     with full_precision(ggV.device):
         ggW, ggb = torch.ops.prong_ext.fold(ggV, ggd, U, c)
     return ggW, ggb, None, None
 
 
-_fold_op.register_autograd(_fold_autograd, setup_context=_fold_setup_context)
-_fold_bwd_op.register_autograd(_fold_backward_autograd, setup_context=_fold_backward_setup_context)
+_fold_op.register_autograd(_fold_autograd, setup_context=_setup_context)
+_fold_bwd_op.register_autograd(_fold_backward_autograd, setup_context=_setup_context)
 
 
 # --- public functions -------------------------------------------------------------------------

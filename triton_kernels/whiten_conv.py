@@ -34,6 +34,15 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 @triton.jit
+def _row_tile(pid, n_col_tiles, O, I, T, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Tile (pid // n_col_tiles, pid % n_col_tiles) of a GEMM (O * T, I) x (I, I) whose rows are the
+    (o, t) pairs: its rows and columns (int64), their masks, and each row's output o and tap t."""
+    rows = (pid // n_col_tiles).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = ((pid % n_col_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    return rows, cols, rows < O * T, cols < I, rows // T, rows % T
+
+
+@triton.jit
 def fold_kernel(
     v_ptr,
     d_ptr,
@@ -79,14 +88,7 @@ def fold_kernel(
     else:
         acc_ty = tl.float32
     if pid < n_w_programs:
-        pid_r = pid // n_col_tiles
-        pid_i = pid % n_col_tiles
-        rows = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = (pid_i * BLOCK_I + tl.arange(0, BLOCK_I)).to(tl.int64)
-        mask_r = rows < O * T
-        mask_c = cols < I
-        o = rows // T
-        t = rows % T
+        rows, cols, mask_r, mask_c, o, t = _row_tile(pid, n_col_tiles, O, I, T, BLOCK_R, BLOCK_I)
         v_row = o * stride_vo + (t // KW) * stride_vkh + (t % KW) * stride_vkw
         acc = tl.zeros((BLOCK_R, BLOCK_I), dtype=acc_ty)
         for k0 in range(0, I, BLOCK_K):
@@ -187,14 +189,7 @@ def fold_bwd_kernel(
         acc_ty = tl.float64
     else:
         acc_ty = tl.float32
-    pid_r = pid // n_col_tiles
-    pid_j = pid % n_col_tiles
-    rows = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = (pid_j * BLOCK_J + tl.arange(0, BLOCK_J)).to(tl.int64)
-    mask_r = rows < O * T
-    mask_c = cols < I
-    o = rows // T
-    t = rows % T
+    rows, cols, mask_r, mask_c, o, t = _row_tile(pid, n_col_tiles, O, I, T, BLOCK_R, BLOCK_J)
     gw_row = o * stride_gwo + (t // KW) * stride_gwkh + (t % KW) * stride_gwkw
     gb = tl.load(gb_ptr + o * stride_gb, mask=mask_r, other=0.0)
     gb_acc = gb.to(acc_ty)
@@ -218,7 +213,8 @@ def fold_bwd_kernel(
         acc = tl.dot(a, ut, acc, input_precision="ieee", out_dtype=acc_ty)  # see fold_kernel
     gv_off = o[:, None] * I * T + cols[None, :] * T + t[:, None]
     tl.store(gv_ptr + gv_off, acc.to(gv_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_c[None, :])
-    tl.store(gd_ptr + o, gb.to(gd_ptr.dtype.element_ty), mask=mask_r & (t == 0) & (pid_j == 0))
+    first_col = pid % n_col_tiles == 0
+    tl.store(gd_ptr + o, gb.to(gd_ptr.dtype.element_ty), mask=mask_r & (t == 0) & first_col)
 
 
 def block_sizes(f64: bool) -> tuple[int, int, int, int]:
@@ -240,16 +236,39 @@ def _taps(t: torch.Tensor, name: str) -> tuple[int, int, int, int, tuple[int, in
     raise ValueError(f"{name} must be (O, I) or (O, I, kh, kw), got shape {tuple(t.shape)}")
 
 
-def _check_uc(U: torch.Tensor, c: torch.Tensor, I: int, ref: torch.Tensor) -> None:
+def _shape_args(
+    t: torch.Tensor,
+    name: str,
+    prefix: str,
+    U: torch.Tensor,
+    c: torch.Tensor,
+    vec: torch.Tensor | None,
+    vec_name: str,
+) -> dict:
+    """Checks the arguments of a fold launch and returns the kernel arguments of their shapes
+    and strides: O, I, T, KW, stride_{prefix}o/i/kh/kw (t's), stride_u0, stride_u1, stride_c.
+
+    t is the weight-shaped input (V, or gW for the backward), vec its per-output vector (d, which
+    may be None, or gb)."""
+    O, I, T, KW, strides = _taps(t, name)
+    if t.dtype not in _DTYPES:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
     if tuple(U.shape) != (I, I):
         raise ValueError(f"U must have shape {(I, I)}, got {tuple(U.shape)}")
     if tuple(c.shape) != (I,):
         raise ValueError(f"c must have shape {(I,)}, got {tuple(c.shape)}")
-    for name, t in (("U", U), ("c", c)):
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"{name} must be a float tensor, got {t.dtype}")
-        if t.device != ref.device:
-            raise ValueError(f"{name} is on {t.device}, expected {ref.device}")
+    for other, u in (("U", U), ("c", c)):
+        if u.dtype not in _DTYPES:
+            raise TypeError(f"{other} must be a float tensor, got {u.dtype}")
+        if u.device != t.device:
+            raise ValueError(f"{other} is on {u.device}, expected {t.device}")
+    if vec is not None and (tuple(vec.shape) != (O,) or vec.device != t.device):
+        raise ValueError(
+            f"{vec_name} must have shape {(O,)} on {t.device}, got {tuple(vec.shape)} on {vec.device}"
+        )
+    args = dict(O=O, I=I, T=T, KW=KW, stride_u0=U.stride(0), stride_u1=U.stride(1), stride_c=c.stride(0))
+    args.update({f"stride_{prefix}{dim}": st for dim, st in zip(("o", "i", "kh", "kw"), strides)})
+    return args
 
 
 def accumulates_in_f64(*ts: torch.Tensor | None) -> bool:
@@ -269,19 +288,14 @@ def fold_weights_launch(
 
     Returns (grid, kernel keyword arguments), or None when there is nothing to compute.
     """
-    O, I, T, KW, sv = _taps(V, "V")
-    if V.dtype not in _DTYPES:
-        raise TypeError(f"V must be float32, float16, bfloat16 or float64, got {V.dtype}")
-    _check_uc(U, c, I, V)
-    if d is not None and (tuple(d.shape) != (O,) or d.device != V.device):
-        raise ValueError(f"d must have shape {(O,)} on {V.device}, got {tuple(d.shape)} on {d.device}")
+    shape = _shape_args(V, "V", "v", U, c, d, "d")
+    O, I, T = shape["O"], shape["I"], shape["T"]
     if O == 0:
         return None
     f64 = accumulates_in_f64(V, U, c, d)
     block_r, block_i, block_k, block_o = block_sizes(f64)
-    n_row = triton.cdiv(O * T, block_r)
     n_col = triton.cdiv(I, block_i)
-    n_w = n_row * n_col if I > 0 else 0
+    n_w = triton.cdiv(O * T, block_r) * n_col if I > 0 else 0
     n_b = triton.cdiv(O, block_o)
     kwargs = dict(
         v_ptr=V,
@@ -290,17 +304,6 @@ def fold_weights_launch(
         c_ptr=c,
         w_ptr=W,
         b_ptr=b,
-        O=O,
-        I=I,
-        T=T,
-        KW=KW,
-        stride_vo=sv[0],
-        stride_vi=sv[1],
-        stride_vkh=sv[2],
-        stride_vkw=sv[3],
-        stride_u0=U.stride(0),
-        stride_u1=U.stride(1),
-        stride_c=c.stride(0),
         stride_d=d.stride(0) if d is not None else 0,
         n_col_tiles=max(n_col, 1),
         n_w_programs=n_w,
@@ -310,6 +313,7 @@ def fold_weights_launch(
         BLOCK_I=block_i,
         BLOCK_K=block_k,
         BLOCK_O=block_o,
+        **shape,
     )
     return (n_w + n_b,), kwargs
 
@@ -351,12 +355,8 @@ def fold_weights_backward_launch(
     gd: torch.Tensor,
 ) -> tuple[tuple[int], dict] | None:
     """The launch of `fold_weights_backward` writing into gV (gW's shape, contiguous) and gd ((O,))."""
-    O, I, T, KW, sg = _taps(gW, "gW")
-    if gW.dtype not in _DTYPES:
-        raise TypeError(f"gW must be float32, float16, bfloat16 or float64, got {gW.dtype}")
-    _check_uc(U, c, I, gW)
-    if tuple(gb.shape) != (O,) or gb.device != gW.device:
-        raise ValueError(f"gb must have shape {(O,)} on {gW.device}, got {tuple(gb.shape)} on {gb.device}")
+    shape = _shape_args(gW, "gW", "gw", U, c, gb, "gb")
+    O, I, T = shape["O"], shape["I"], shape["T"]
     if O == 0 or I == 0:
         return None
     f64 = accumulates_in_f64(gW, gb, U, c)
@@ -370,23 +370,13 @@ def fold_weights_backward_launch(
         c_ptr=c,
         gv_ptr=gV,
         gd_ptr=gd,
-        O=O,
-        I=I,
-        T=T,
-        KW=KW,
-        stride_gwo=sg[0],
-        stride_gwi=sg[1],
-        stride_gwkh=sg[2],
-        stride_gwkw=sg[3],
         stride_gb=gb.stride(0),
-        stride_u0=U.stride(0),
-        stride_u1=U.stride(1),
-        stride_c=c.stride(0),
         n_col_tiles=n_col,
         ACC_F64=f64,
         BLOCK_R=block_r,
         BLOCK_J=block_j,
         BLOCK_K=block_k,
+        **shape,
     )
     return (n_row * n_col,), kwargs
 
