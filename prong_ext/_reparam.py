@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import ops
-from ._common import centre_term, mul_in, outer_taps
+from ._common import mul_in, outer_taps
 
 __all__ = ["FIRST_MOMENTS", "SECOND_MOMENTS", "moved_moments", "project", "scale_moments", "write"]
 
@@ -32,8 +32,8 @@ def project(layer: nn.Module, mean: torch.Tensor, u: torch.Tensor, u_inv: torch.
     c_old = None if d is None else layer.c.to(f64)
     W, b = ops.fold(V, d, U_old, c_old)
     c = mean if d is not None else torch.zeros_like(mean)
-    new_d = None if d is None else b + centre_term(W, c)
-    return {"V": mul_in(W, u_inv), "d": new_d, "U": u, "c": c}, (U_old, c_old)
+    new_v, new_d = ops.from_canonical(W, b, u_inv, c)  # V = W U^-1, d = b + W c (b None: no bias)
+    return {"V": new_v, "d": new_d, "U": u, "c": c}, (U_old, c_old)
 
 
 def moved_moments(
