@@ -359,7 +359,3 @@ class WhitenedConv2d(WhitenedLayer):
         if self.padding_mode != "zeros":
             s += f", padding_mode={self.padding_mode}"
         return s
-
-
-# The name prong.py imports; WhitenedLayer is the same class.
-_Whitened = WhitenedLayer

@@ -701,10 +701,3 @@ def _check_layer(x, V, U, c, dim, groups=1):
         raise ValueError(f"U must have shape {shape}, got {tuple(U.shape)}")
     if c is not None and c.shape != (n_in,):
         raise ValueError(f"c must have shape ({n_in},), got {tuple(c.shape)}")
-
-
-# Names that prong.py, _dist.py and _layer_state.py import from here; _common.py holds them under
-# these names without the underscore.
-_all_finite = all_finite
-_full_precision = full_precision
-_outer = outer
