@@ -19,10 +19,11 @@ Where each piece is:
   Triton op prong_ext::cov_accumulate in _triton_ops.py (kernel: triton_kernels/covariance.py);
 - eigendecompositions and whitening matrices: batched_eigh and whitening here (torch path); the
   compiled ops in _extension.py (csrc/);
-- the fold W = V U, b = d - W c and the whitened layers: fold, whitened_linear, whitened_conv2d
-  here (dispatch; the torch form and the weight-shaped products mul_in, centre_term, outer_taps,
-  taps_sum are _common.py's, exported here); the Triton op prong_ext::fold and its backward in
-  _triton_ops.py (kernels: triton_kernels/whiten_conv.py);
+- the fold W = V U, b = d - W c, its inverse from_canonical (V = W U^-1, d = b + W c) and the
+  whitened layers: fold, from_canonical, whitened_linear, whitened_conv2d here (dispatch; the
+  torch forms and the weight-shaped products mul_in, centre_term, outer_taps, taps_sum are
+  _common.py's, exported here); the Triton op prong_ext::fold and its backward in _triton_ops.py
+  (kernels: triton_kernels/whiten_conv.py); the projection that uses them in _reparam.py;
 - the naive forms of all of these, the tests' oracle: reference.py.
 
 Grouped convolutions (groups G > 1) whiten block-diagonally: the input's C channels form G blocks
