@@ -15,7 +15,8 @@
   D_jj = (m_j + eps |u0_j|^2)^-1/2 from the last batch (m_j = E[(u0_j (h - c))^2]), V compensated
   exactly, d and c untouched, moments transformed; rescale=False changes nothing between
   re-whitenings.
-- Long run: 1000 re-whitenings with training between keep the function within 1e-5 each time.
+- Long run: 1000 re-whitenings with training between keep the function, each time within
+  the float32 rounding bound.
 """
 
 import copy
@@ -402,14 +403,15 @@ def test_eigendecomposition_failure_is_retried_then_keeps_the_layer(monkeypatch,
 
 def _check_degenerate(model, x, num_samples, probe):
     prong = Prong(model, num_samples=num_samples)
-    before_x, before_probe = eval_out(model, x), eval_out(model, probe)
+    before = {k: (eval_out(model, v), eval_rounding_bound(model, v)) for k, v in (("x", x), ("probe", probe))}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "data gave", UserWarning)
         prong.reparametrize(x)
     assert _finite(prong)
     assert not all(torch.equal(m.U, torch.eye(len(m.U))) for m in prong.layers.values())
-    assert rel(eval_out(model, x), before_x) <= 1e-5
-    assert rel(eval_out(model, probe), before_probe) <= 1e-5
+    rewritten = {m: 4 for m in prong.layers.values()}  # V, d, U, c written, rounded to float32
+    for k, v in (("x", x), ("probe", probe)):
+        _assert_function_kept(model, v, *before[k], rewritten, k)
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
@@ -419,7 +421,8 @@ def test_constant_feature(name):
     x = data(shape, n=64)
     x[:, 1] = 3.0
     _check_degenerate(model, x, 64, data(shape, n=32, seed=4))
-    assert (model[0].c[1] - 3.0).abs() < 1e-6
+    # the shifted sums of a constant feature are exact zeros: its mean is the constant itself
+    assert model[0].c[1].item() == 3.0
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
@@ -473,7 +476,10 @@ def test_zca_is_symmetric_and_keeps_the_function(name):
         _assert_function_kept(model, probe, before, before_bound, rewritten, f"update {t}")
         for lname, layer in prong.layers.items():
             u = layer.U
-            assert (u - u.T).abs().max() <= 1e-6 * u.abs().max(), lname
+            # U = Q D Q^T in float64 is symmetric to float64 rounding; rounded to float32, U[i, j]
+            # and U[j, i] are the same value or neighbours: at most one float32 ulp apart
+            ulp = 2 * F32_ROUNDING * torch.maximum(u.abs(), u.T.abs())
+            assert_within(u, u.T, ulp, lname)
         assert _finite(prong)
     assert prong.num_reparametrizations == 4
 
@@ -644,7 +650,7 @@ def test_thousand_rewhitenings_keep_the_function():
     g = torch.Generator().manual_seed(3)
     batches = [(data(shape, n=32, seed=s), torch.randn(32, 5, generator=g)) for s in range(4)]
     probe = data(shape, n=64, seed=100)
-    errors = []
+    rewritten = {m: 4 for m in prong.layers.values()}  # each re-whitening writes V, d, U, c
     for t in range(1000):
         x, y = batches[t % len(batches)]
         loss = (model(x) - y).square().mean()
@@ -652,12 +658,8 @@ def test_thousand_rewhitenings_keep_the_function():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        before = eval_out(model, probe)
+        before, before_bound = eval_out(model, probe), eval_rounding_bound(model, probe)
         assert prong.step()
-        after = eval_out(model, probe)
-        assert torch.isfinite(before).all() and torch.isfinite(after).all(), t
         assert _finite(prong), t
-        errors.append(rel(after, before))
-    worst = max(range(1000), key=errors.__getitem__)
-    assert errors[worst] <= 1e-5, f"worst relative error {errors[worst]:.3g} at re-whitening {worst}"
+        _assert_function_kept(model, probe, before, before_bound, rewritten, f"re-whitening {t}")
     assert prong.num_reparametrizations == 1000
