@@ -47,7 +47,8 @@ def _existing_path(s: str) -> str:
     return s
 
 
-def _common(p: argparse.ArgumentParser, name: str, interval: int, data_help: str) -> None:
+def _common(p: argparse.ArgumentParser, name: str, data_help: str) -> None:
+    """The options of every subcommand: output and data, Prong's, the machine's."""
     g = p.add_argument_group("common options")
     g.add_argument(
         "--out",
@@ -59,11 +60,24 @@ def _common(p: argparse.ArgumentParser, name: str, interval: int, data_help: str
         "--seed", type=int, default=0, help="random seed; runs are deterministic (default: %(default)s)"
     )
     g.add_argument("--data", type=_existing_path, default=None, help=data_help)
+    _prong_options(g)
+    g.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=1,
+        help="torch CPU threads (default: %(default)s; these models are small, and extra "
+        "threads slow them down on a busy machine)",
+    )
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _prong_options(g) -> None:
+    """--interval, --eps, --num-samples, --whitening, --rescale: prong_ext.Prong's arguments."""
     g.add_argument(
         "--interval",
         "-T",
         type=_positive_int,
-        default=interval,
+        default=100,
         help="PRONG: updates between reparametrizations, T (default: %(default)s)",
     )
     g.add_argument(
@@ -90,14 +104,6 @@ def _common(p: argparse.ArgumentParser, name: str, interval: int, data_help: str
         action="store_true",
         help="PRONG: the paper's per-minibatch diagonal rescaling, W = V D U",
     )
-    g.add_argument(
-        "--threads",
-        type=_positive_int,
-        default=1,
-        help="torch CPU threads (default: %(default)s; these models are small, and extra "
-        "threads slow them down on a busy machine)",
-    )
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 IDX_HELP = (
@@ -106,33 +112,35 @@ IDX_HELP = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _subcommands() -> dict:
+    """name: (module, one-line summary, help of --data)."""
     from .experiments import autoencoder, cnn, fisher, sweep
 
+    return {
+        "autoencoder": (autoencoder, "deep auto-encoder: sgd, rmsprop, bn, prong, prong+ (Fig. 3)", IDX_HELP),
+        "fisher": (
+            fisher,
+            "exact Fisher block and its condition number (Fig. 2)",
+            IDX_HELP + "; images are downsampled to --size",
+        ),
+        "sweep": (sweep, "sensitivity to eps and T, whitened vs fan-in init (Fig. 3a-b)", IDX_HELP),
+        "cnn": (
+            cnn,
+            "VGG-like convnet: prong, prong+ vs sgd, bn",
+            "Fashion-MNIST/MNIST IDX data as for autoencoder (default: Debian's "
+            "/usr/share/datasets/fashion-mnist when installed, else scikit-learn's digits)",
+        ),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m prong_ext",
         description="Natural Neural Networks (PRONG): reproduce the paper's experiments on the CPU.",
         epilog="Run 'python -m prong_ext SUBCOMMAND -h' for the options of each experiment.",
     )
     sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
-    subcommands = [
-        ("autoencoder", autoencoder, "deep auto-encoder: sgd, rmsprop, bn, prong, prong+ (Fig. 3)", IDX_HELP),
-        (
-            "fisher",
-            fisher,
-            "exact Fisher block and its condition number (Fig. 2)",
-            IDX_HELP + "; images are downsampled to --size",
-        ),
-        ("sweep", sweep, "sensitivity to eps and T, whitened vs fan-in init (Fig. 3a-b)", IDX_HELP),
-        (
-            "cnn",
-            cnn,
-            "VGG-like convnet: prong, prong+ vs sgd, bn",
-            "Fashion-MNIST/MNIST IDX data as for autoencoder (default: Debian's "
-            "/usr/share/datasets/fashion-mnist when installed, else scikit-learn's digits)",
-        ),
-    ]
-    for name, module, summary, data_help in subcommands:
+    for name, (module, summary, data_help) in _subcommands().items():
         p = sub.add_parser(
             name,
             help=summary,
@@ -140,18 +148,25 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         module.add_arguments(p)
-        _common(p, name, 100, data_help)
+        _common(p, name, data_help)
     return parser
 
 
-def _parse_methods(parser, args, allowed) -> None:
-    if not hasattr(args, "methods"):
-        return
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in allowed]
-    if bad or not methods:
-        parser.error(f"--methods {args.methods!r}: expected a comma-separated subset of {','.join(allowed)}")
-    args.methods = list(dict.fromkeys(methods))
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--methods as a list of known, distinct methods; the counts that must be positive."""
+    from .experiments.methods import METHODS
+
+    if hasattr(args, "methods"):
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        if not methods or any(m not in METHODS for m in methods):
+            parser.error(
+                f"--methods {args.methods!r}: expected a comma-separated subset of {','.join(METHODS)}"
+            )
+        args.methods = list(dict.fromkeys(methods))
+    for name in ("updates", "batch_size", "eval_every", "train_samples", "eval_samples", "tune_updates"):
+        v = getattr(args, name, None)
+        if v is not None and v <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be > 0, got {v}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,29 +175,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = argv
-    from .experiments import autoencoder, cnn, common, fisher, sweep
-
-    module = {"autoencoder": autoencoder, "fisher": fisher, "sweep": sweep, "cnn": cnn}[args.command]
-    _parse_methods(parser, args, getattr(module, "ALLOWED_METHODS", common.METHODS))
-    for name in ("updates", "batch_size", "eval_every", "train_samples", "eval_samples", "tune_updates"):
-        v = getattr(args, name, None)
-        if v is not None and v <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be > 0, got {v}")
+    _check(parser, args)
     import torch
+
+    from . import data
+    from .experiments import common, report
 
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # saturated sigmoids make denormals, 5-20x slower on x86
-    from . import data
-
     try:
-        common.pyplot()  # every subcommand plots: say now, not after the training, when it cannot
+        report.pyplot()  # every subcommand plots: say now, not after the training, when it cannot
     except data.MissingExtraError as e:
         parser.exit(1, f"{parser.prog} {args.command}: error: {e}\n")
     args.env = common.environment()  # versions and git commit, taken before any output is written
-    out = common.out_dir(args.out or Path("out") / args.command)
+    out = report.out_dir(args.out or Path("out") / args.command)
     start = time.perf_counter()
     try:
-        module.run(args, out)
+        _subcommands()[args.command][0].run(args, out)
     except common.UsageError as e:
         parser.exit(2, f"{parser.prog} {args.command}: error: {e}\n")
     except data.MissingExtraError as e:

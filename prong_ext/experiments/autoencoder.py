@@ -14,13 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import common
+from . import common, report
+from .methods import default_lrs
+from .report import DIVERGED, LR, METHOD, Column, Plot, Table
+from .training import RunResult, Task
 
 DIGITS_ARCH = (64, 128, 64, 32, 8, 32, 64, 128, 64)
 MNIST_ARCH = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
 
-# Defaults from a small grid on the digits default (see docs/experiments.md, results/autoencoder).
-DEFAULT_LR = {"sgd": 0.1, "rmsprop": 1e-2, "bn": 0.1, "prong": 0.01, "prong+": 0.01}
+DEFAULT_LR = default_lrs("autoencoder")
 TUNE_FACTORS = (0.1, 0.3, 1.0, 3.0, 10.0)
 
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
@@ -71,12 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         methods="sgd,rmsprop,bn,prong,prong+",
         default_lr=DEFAULT_LR,
         lr_note="defaults, tuned on the digits and scaled by 64/pixels for other images except rmsprop's",
-    )
-    p.add_argument(
-        "--momentum",
-        type=float,
-        default=0.9,
-        help="SGD momentum for sgd, bn, prong, prong+ (default: %(default)s)",
+        momentum_help="SGD momentum for sgd, bn, prong, prong+",
     )
     p.add_argument(
         "--activation",
@@ -99,230 +96,154 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--train-samples", type=int, default=None, help="use only the first N training images (default: all)"
     )
-    p.add_argument(
-        "--eval-samples",
-        type=int,
-        default=2000,
-        help="training images on which the error is measured (default: %(default)s)",
-    )
-    p.add_argument(
-        "--eval-every", type=int, default=None, help="updates between evaluations (default: updates/40)"
-    )
+    common.add_eval_arguments(p, every=40)
+    factors = ", ".join(f"{f:g}" for f in TUNE_FACTORS)
     p.add_argument(
         "--tune",
         action="store_true",
-        help="first run a short grid of learning rates (default x "
-        + ", ".join(f"{f:g}" for f in TUNE_FACTORS)
-        + ") per method and keep the best",
+        help=f"first run a short grid of learning rates (default x {factors}) per method and keep the best",
     )
     p.add_argument(
         "--tune-updates", type=int, default=None, help="updates of each tuning run (default: updates/3)"
     )
 
 
-def run(args: argparse.Namespace, out) -> dict:
-    """Train every method, write curves.csv, summary.csv, two plots and summary.md; print a table."""
-    ds, x = common.train_rows(args)
-    n_pix = x.shape[1]
-    if args.arch:
-        try:
-            sizes = tuple(int(s) for s in args.arch.replace("-", ",").split(","))
-        except ValueError:
-            raise common.UsageError(f"--arch {args.arch!r}: expected sizes like 64,32,8,32,64") from None
-        if len(sizes) < 3 or min(sizes) <= 0:
-            raise common.UsageError(f"--arch {args.arch!r}: expected at least 3 positive sizes")
-    else:
-        sizes = (
-            DIGITS_ARCH
-            if n_pix == 64
-            else MNIST_ARCH
-            if n_pix == 784
-            else (n_pix, 256, 64, 16, 64, 256, n_pix)
-        )
+def architecture(arch: str | None, n_pix: int, data_name: str) -> tuple[int, ...]:
+    """The layer sizes of --arch, else the default for ``n_pix``-pixel images."""
+    if not arch:
+        return {64: DIGITS_ARCH, 784: MNIST_ARCH}.get(n_pix, (n_pix, 256, 64, 16, 64, 256, n_pix))
+    try:
+        sizes = tuple(int(s) for s in arch.replace("-", ",").split(","))
+    except ValueError:
+        raise common.UsageError(f"--arch {arch!r}: expected sizes like 64,32,8,32,64") from None
+    if len(sizes) < 3 or min(sizes) <= 0:
+        raise common.UsageError(f"--arch {arch!r}: expected at least 3 positive sizes")
     if sizes[0] != n_pix or sizes[-1] != n_pix:
         raise common.UsageError(
-            f"--arch {args.arch}: first and last sizes must be {n_pix} (pixels of {ds.name})"
+            f"--arch {arch}: first and last sizes must be {n_pix} (pixels of {data_name})"
         )
-    x_eval = x[: args.eval_samples]
-    methods = args.methods
-    lrs = common.parse_lrs(args.lr, methods, DEFAULT_LR)
-    # The defaults were tuned on the digits (64 pixels); the loss sums over pixels, so gradients
-    # grow with the image: scale the SGD-type defaults (not RMSprop's, which is scale-free).
+    return sizes
+
+
+def learning_rates(args: argparse.Namespace, n_pix: int) -> dict[str, float]:
+    """--lr over the defaults. Those were tuned on the digits (64 pixels); the loss sums over pixels,
+    so gradients grow with the image: the SGD-type defaults (not RMSprop's, which is scale-free)
+    are scaled by 64 / pixels."""
+    lrs = common.parse_lrs(args.lr, args.methods, DEFAULT_LR)
     given = {spec.split("=", 1)[0] for spec in args.lr}
-    for m in methods:
+    for m in args.methods:
         if m not in given and m != "rmsprop" and n_pix != 64:
             lrs[m] *= 64 / n_pix
-    eval_every = args.eval_every or max(1, args.updates // 40)
-    pcfg = common.ProngConfig.from_args(args)
+    return lrs
 
-    def build(bn):
-        return build_autoencoder(sizes, args.activation, bn)
 
-    def loss_fn(model, batch):
-        return reconstruction_loss(model(batch[0]), batch[0], args.loss)
+def tune(task: Task, lrs: dict[str, float], tune_updates: int) -> list[dict]:
+    """--tune: short runs at every factor of TUNE_FACTORS times each method's learning rate; sets
+    ``lrs`` to the one of lowest final error; the rows of tune.csv."""
+    every = task.eval_every if tune_updates == task.updates else max(1, tune_updates // 10)
+    rows = []
+    for m in lrs:
+        best = None
+        for f in TUNE_FACTORS:
+            lr = lrs[m] * f
+            r = task.run(m, lr, updates=tune_updates, eval_every=every, desc=f"tune {m} lr={lr:.3g}")
+            err = r.final("train_error") if not r.diverged else float("inf")
+            row = {
+                "method": m,
+                "lr": lr,
+                "updates": r.updates,
+                "train_error": err,
+                "diverged": int(r.diverged),
+            }
+            rows.append(row)
+            if best is None or err < best[0]:
+                best = (err, lr)
+        lrs[m] = best[1]
+    return rows
 
-    def evaluate(model):
-        return {"train_error": squared_error(model, x_eval)}
 
-    def one_run(method, lr, updates, seed_offset=0, desc=None):
-        common.set_seed(args.seed)
-        setup = common.setup_method(build, method, lr, args.momentum, pcfg)
-        gen = torch.Generator().manual_seed(args.seed + 1 + seed_offset)
-        return common.train(
-            setup,
-            loss_fn,
-            common.batches((x,), args.batch_size, gen),
-            updates,
-            evaluate,
-            eval_every if updates == args.updates else max(1, updates // 10),
-            method=method,
-            lr=lr,
-            desc=desc or method,
-            quiet=args.quiet,
-        )
-
+def run(args: argparse.Namespace, out) -> dict:
+    """Train every method, write curves.csv, summary.csv, three plots and summary.md; print a table."""
+    ds, x = common.train_rows(args)
+    sizes = architecture(args.arch, x.shape[1], ds.name)
+    x_eval = x[: args.eval_samples]
+    lrs = learning_rates(args, x.shape[1])
+    task = Task.from_args(
+        args,
+        build=lambda bn: build_autoencoder(sizes, args.activation, bn),
+        data=(x,),
+        loss=lambda model, batch: reconstruction_loss(model(batch[0]), batch[0], args.loss),
+        evaluate=lambda model: {"train_error": squared_error(model, x_eval)},
+        eval_every=common.eval_every(args, 40),
+    )
     tune_rows = []
     if args.tune:
-        tune_updates = args.tune_updates or max(1, args.updates // 3)
-        for m in methods:
-            best = None
-            for f in TUNE_FACTORS:
-                lr = lrs[m] * f
-                r = one_run(m, lr, tune_updates, desc=f"tune {m} lr={lr:.3g}")
-                err = r.final("train_error") if not r.diverged else float("inf")
-                tune_rows.append(
-                    {
-                        "method": m,
-                        "lr": lr,
-                        "updates": r.updates,
-                        "train_error": err,
-                        "diverged": int(r.diverged),
-                    }
-                )
-                if best is None or err < best[0]:
-                    best = (err, lr)
-            lrs[m] = best[1]
-        common.write_csv(out / "tune.csv", tune_rows)
-
-    results = [one_run(m, lrs[m], args.updates) for m in methods]
-
-    common.write_csv(out / "curves.csv", common.curve_rows(results))
-    title = f"auto-encoder {'-'.join(map(str, sizes))} on {ds.name}"
-    common.plot_curves(
-        results,
-        "update",
-        "train_error",
-        out / "train_error_vs_updates.png",
-        title=title,
-        xlabel="updates",
-        ylabel="training squared error",
+        tune_rows = tune(task, lrs, args.tune_updates or max(1, args.updates // 3))
+        report.write_csv(out / "tune.csv", tune_rows)
+    results = task.run_all(lrs)
+    arch = "-".join(map(str, sizes))
+    report.write_curves(out, results, PLOTS, f"auto-encoder {arch} on {ds.name}")
+    table = summary_table(results)
+    settings = (
+        f"Architecture {arch}, {args.activation} units, {args.loss} loss, {x.shape[0]} training images, "
+        f"batch {args.batch_size}, {args.updates} updates, T={args.interval}, eps={args.eps:g}, "
+        f"N_s={args.num_samples}, momentum={args.momentum:g}, seed {args.seed}."
     )
-    common.plot_curves(
+    body = summary_body(results, table, tune_rows, x_eval.shape[0], task.eval_every)
+    report.write_summary(out, args, f"Auto-encoder ({ds.name})", settings, body, table)
+    return {"results": results, "summary": table, "lrs": lrs}
+
+
+PLOTS = [
+    Plot(f"train_error_vs_{name}.png", x, "train_error", "training squared error")
+    for name, x in (("updates", "update"), ("seconds", "seconds"), ("cpu_seconds", "cpu_seconds"))
+]
+
+
+def summary_table(results: list[RunResult]) -> Table:
+    """Final and best training error, when each method reached SGD's best, its time per update."""
+    sgd = next((r for r in results if r.method == "sgd"), None)
+    target = sgd.best("train_error") if sgd else float("nan")
+
+    def reach(r):
+        return r.updates_to_reach("train_error", target) if math.isfinite(target) else None
+
+    return report.method_table(
         results,
-        "seconds",
-        "train_error",
-        out / "train_error_vs_seconds.png",
-        title=title,
-        xlabel="wall-clock seconds (training only)",
-        ylabel="training squared error",
-    )
-    common.plot_curves(
-        results,
-        "cpu_seconds",
-        "train_error",
-        out / "train_error_vs_cpu_seconds.png",
-        title=title,
-        xlabel="CPU seconds of this process (training only)",
-        ylabel="training squared error",
+        [
+            METHOD,
+            LR,
+            Column("final train error", lambda r: r.final("train_error"), "final_error"),
+            Column("best train error", lambda r: r.best("train_error"), "best_error"),
+            Column("updates to SGD best", reach, "updates_to_sgd_best"),
+            *report.speed_columns(
+                results, "time/step vs SGD", ("step_time_vs_sgd", "cpu_ms_per_update", "ms_per_update")
+            ),
+            DIVERGED,
+        ],
     )
 
-    summary = summarize(results)
-    env = common.run_env(args)
-    common.write_csv(out / "summary.csv", common.with_commit(summary["rows"], env))
-    header = summary["header"]
-    table = [[row[k] for k in summary["keys"]] for row in summary["rows"]]
-    md = [
-        f"# Auto-encoder ({ds.name})",
+
+def summary_body(results, table: Table, tune_rows: list[dict], n_eval: int, eval_every: int) -> list:
+    """summary.md below the settings: what the columns mean, the table, Prong's share of the
+    time, the --tune grid, the plots."""
+    body = [
+        f"Training error = squared reconstruction error (sum over pixels, mean over {n_eval} training "
+        f"images). 'updates to SGD best' = first evaluation (every {eval_every} updates) at which the "
+        "method's error is at or below SGD's best error. 'time/step vs SGD' compares CPU time per "
+        "update (steadier than wall time on a shared machine; one thread).",
         "",
-        f"Command: `{common.command_line(args.argv)}`  ",
-        f"Architecture {'-'.join(map(str, sizes))}, {args.activation} units, {args.loss} loss, "
-        f"{x.shape[0]} training images, batch {args.batch_size}, {args.updates} updates, "
-        f"T={args.interval}, eps={args.eps:g}, N_s={args.num_samples}, momentum={args.momentum:g}, "
-        f"seed {args.seed}.  ",
-        f"Environment: {common.environment_line(env)}.",
-        "",
-        f"Training error = squared reconstruction error (sum over pixels, mean over {x_eval.shape[0]} "
-        "training images). 'updates to SGD best' = first evaluation (every "
-        f"{eval_every} updates) at which the method's error is at or below SGD's best error. 'time/step "
-        "vs SGD' compares CPU time per update (steadier than wall time on a shared machine; one thread).",
-        "",
-        common.md_table(header, table),
+        table,
         "",
     ]
     for r in results:
         if r.prong_timings:
             share = {k: v / max(r.train_seconds, 1e-12) for k, v in r.prong_timings.items()}
-            md.append(
+            body.append(
                 f"- {r.method}: {r.num_reparametrizations} reparametrizations; share of training time: "
                 + ", ".join(f"{k} {100 * v:.1f}%" for k, v in share.items())
             )
     if tune_rows:
-        md += [
-            "",
-            "Learning-rate grid (`--tune`):",
-            "",
-            common.md_table(list(tune_rows[0]), [list(r.values()) for r in tune_rows]),
-        ]
-    md += [
-        "",
-        "![](train_error_vs_updates.png) ![](train_error_vs_seconds.png) ![](train_error_vs_cpu_seconds.png)",
-        "",
-    ]
-    (out / "summary.md").write_text("\n".join(md))
-    print(common.text_table(header, table))
-    return {"results": results, "summary": summary, "lrs": lrs}
-
-
-def summarize(results: list[common.RunResult]) -> dict:
-    sgd = next((r for r in results if r.method == "sgd"), None)
-    target = sgd.best("train_error") if sgd else float("nan")
-    base = sgd.cpu_seconds_per_update if sgd else float("nan")
-    keys = [
-        "method",
-        "lr",
-        "final_error",
-        "best_error",
-        "updates_to_sgd_best",
-        "step_time_vs_sgd",
-        "cpu_ms_per_update",
-        "ms_per_update",
-        "diverged",
-    ]
-    header = [
-        "method",
-        "lr",
-        "final train error",
-        "best train error",
-        "updates to SGD best",
-        "time/step vs SGD",
-        "CPU ms/update",
-        "wall ms/update",
-        "diverged",
-    ]
-    rows = []
-    for r in results:
-        reach = r.updates_to_reach("train_error", target) if math.isfinite(target) else None
-        rows.append(
-            {
-                "method": r.method,
-                "lr": r.lr,
-                "final_error": r.final("train_error"),
-                "best_error": r.best("train_error"),
-                "updates_to_sgd_best": reach,
-                "step_time_vs_sgd": r.cpu_seconds_per_update / base if base else float("nan"),
-                "cpu_ms_per_update": 1e3 * r.cpu_seconds_per_update,
-                "ms_per_update": 1e3 * r.seconds_per_update,
-                "diverged": "yes" if r.diverged else "no",
-            }
-        )
-    return {"keys": keys, "header": header, "rows": rows, "target": target}
+        grid = Table(list(tune_rows[0]), [list(r.values()) for r in tune_rows], printed=False)
+        body += ["", "Learning-rate grid (`--tune`):", "", grid]
+    return body + ["", report.images(*(p.file for p in PLOTS)), ""]

@@ -15,10 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import data as datasets
-from . import common
+from . import common, report
+from .methods import default_lrs
+from .report import DIVERGED, LR, METHOD, Column, Plot
+from .training import Task
 
-ALLOWED_METHODS = common.METHODS
-DEFAULT_LR = {"sgd": 0.03, "rmsprop": 1e-3, "bn": 0.1, "prong": 0.001, "prong+": 0.03}
+DEFAULT_LR = default_lrs("cnn")
 
 
 def build_cnn(
@@ -44,7 +46,6 @@ def build_cnn(
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_training_arguments(p, updates=1000, methods="sgd,bn,prong,prong+", default_lr=DEFAULT_LR)
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
     p.add_argument("--width", type=int, default=16, help="channels of the first block (default: %(default)s)")
     p.add_argument(
         "--size",
@@ -57,12 +58,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--train-samples", type=int, default=10000, help="training images used (default: %(default)s)"
     )
     p.add_argument("--test-samples", type=int, default=2000, help="test images used (default: %(default)s)")
-    p.add_argument(
-        "--eval-every", type=int, default=None, help="updates between evaluations (default: updates/20)"
-    )
+    common.add_eval_arguments(p, every=20, samples=False)
 
 
-def run(args: argparse.Namespace, out) -> dict:
+def load(args: argparse.Namespace):
+    """The labelled data set (Fashion-MNIST by default), subset and downsampled to --size."""
     path = args.data if args.data is not None else datasets.default_fashion_mnist()
     ds = common.load_data(path)
     if ds.train_y is None or ds.test_x is None or ds.test_y is None:
@@ -75,123 +75,72 @@ def run(args: argparse.Namespace, out) -> dict:
             datasets.downsample(ds.train_x, args.size),
             datasets.downsample(ds.test_x, args.size),
         )
+    return ds
+
+
+def classifier_error(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """The fraction of samples whose largest logit is not their label."""
+    return (logits.argmax(1) != y).double().mean().item()
+
+
+def make_task(args: argparse.Namespace, ds) -> Task:
+    """Cross-entropy training of build_cnn on the training images; the evaluation measures the
+    training loss and error on the first 2000 training images and the test error."""
     x, y = ds.train_x[:, None], ds.train_y
     xt, yt = ds.test_x[:, None], ds.test_y
-    size = x.shape[-1]
     n_classes = int(max(y.max(), yt.max())) + 1
-    lrs = common.parse_lrs(args.lr, args.methods, DEFAULT_LR)
-    pcfg = common.ProngConfig.from_args(args)
-    eval_every = args.eval_every or max(1, args.updates // 20)
     x_tr_eval, y_tr_eval = x[:2000], y[:2000]
-
-    def build(bn):
-        return build_cnn(x.shape[1], size, n_classes, args.width, bn)
-
-    def loss_fn(model, batch):
-        return F.cross_entropy(model(batch[0]), batch[1])
 
     def evaluate(model):
         lt = model(x_tr_eval)
         lv = model(xt)
         return {
             "train_loss": F.cross_entropy(lt, y_tr_eval).item(),
-            "train_error": (lt.argmax(1) != y_tr_eval).double().mean().item(),
-            "test_error": (lv.argmax(1) != yt).double().mean().item(),
+            "train_error": classifier_error(lt, y_tr_eval),
+            "test_error": classifier_error(lv, yt),
         }
 
-    results = []
-    for m in args.methods:
-        common.set_seed(args.seed)
-        setup = common.setup_method(build, m, lrs[m], args.momentum, pcfg)
-        gen = torch.Generator().manual_seed(args.seed + 1)
-        results.append(
-            common.train(
-                setup,
-                loss_fn,
-                common.batches((x, y), args.batch_size, gen),
-                args.updates,
-                evaluate,
-                eval_every,
-                method=m,
-                lr=lrs[m],
-                quiet=args.quiet,
-            )
-        )
+    return Task.from_args(
+        args,
+        build=lambda bn: build_cnn(x.shape[1], x.shape[-1], n_classes, args.width, bn),
+        data=(x, y),
+        loss=lambda model, batch: F.cross_entropy(model(batch[0]), batch[1]),
+        evaluate=evaluate,
+        eval_every=common.eval_every(args, 20),
+    )
 
-    common.write_csv(out / "curves.csv", common.curve_rows(results))
-    title = f"VGG-like convnet (width {args.width}) on {ds.name}"
-    common.plot_curves(
+
+def run(args: argparse.Namespace, out) -> dict:
+    """Train every method, write curves.csv, summary.csv, three plots and summary.md; print a table."""
+    ds = load(args)
+    task = make_task(args, ds)
+    results = task.run_all(common.parse_lrs(args.lr, args.methods, DEFAULT_LR))
+    report.write_curves(out, results, PLOTS, f"VGG-like convnet (width {args.width}) on {ds.name}")
+    table = report.method_table(
         results,
-        "update",
-        "train_loss",
-        out / "train_loss.png",
-        title=title,
-        xlabel="updates",
-        ylabel="training cross-entropy",
-    )
-    common.plot_curves(
-        results,
-        "update",
-        "test_error",
-        out / "test_error.png",
-        title=title,
-        xlabel="updates",
-        ylabel="test error",
-        logy=False,
-    )
-    common.plot_curves(
-        results,
-        "seconds",
-        "test_error",
-        out / "test_error_vs_seconds.png",
-        title=title,
-        xlabel="wall-clock seconds (training only)",
-        ylabel="test error",
-        logy=False,
-    )
-    sgd = next((r for r in results if r.method == "sgd"), None)
-    base = sgd.cpu_seconds_per_update if sgd else float("nan")
-    header = [
-        "method",
-        "lr",
-        "final test error",
-        "best test error",
-        "final train loss",
-        "CPU time/step vs SGD",
-        "CPU ms/update",
-        "wall ms/update",
-        "diverged",
-    ]
-    rows = [
         [
-            r.method,
-            r.lr,
-            r.final("test_error"),
-            r.best("test_error"),
-            r.final("train_loss"),
-            r.cpu_seconds_per_update / base,
-            1e3 * r.cpu_seconds_per_update,
-            1e3 * r.seconds_per_update,
-            "yes" if r.diverged else "no",
-        ]
-        for r in results
-    ]
-    env = common.run_env(args)
-    common.write_csv(out / "summary.csv", common.with_commit([dict(zip(header, r)) for r in rows], env))
-    md = [
-        f"# Convnet ({ds.name})",
-        "",
-        f"Command: `{common.command_line(args.argv)}`  ",
-        f"{x.shape[0]} training and {xt.shape[0]} test images of {size}x{size}, batch {args.batch_size}, "
-        f"{args.updates} updates, T={args.interval}, eps={args.eps:g}, N_s={args.num_samples}, "
-        f"momentum {args.momentum:g}, seed {args.seed}.  ",
-        f"Environment: {common.environment_line(env)}.",
-        "",
-        common.md_table(header, rows),
-        "",
-        "![](test_error.png) ![](train_loss.png) ![](test_error_vs_seconds.png)",
-        "",
-    ]
-    (out / "summary.md").write_text("\n".join(md))
-    print(common.text_table(header, rows))
+            METHOD,
+            LR,
+            Column("final test error", lambda r: r.final("test_error")),
+            Column("best test error", lambda r: r.best("test_error")),
+            Column("final train loss", lambda r: r.final("train_loss")),
+            *report.speed_columns(results, "CPU time/step vs SGD"),
+            DIVERGED,
+        ],
+    )
+    size = ds.train_x.shape[-1]
+    settings = (
+        f"{ds.train_x.shape[0]} training and {ds.test_x.shape[0]} test images of {size}x{size}, "
+        f"batch {args.batch_size}, {args.updates} updates, T={args.interval}, eps={args.eps:g}, "
+        f"N_s={args.num_samples}, momentum {args.momentum:g}, seed {args.seed}."
+    )
+    body = [table, "", report.images("test_error.png", "train_loss.png", "test_error_vs_seconds.png"), ""]
+    report.write_summary(out, args, f"Convnet ({ds.name})", settings, body, table)
     return {"results": results}
+
+
+PLOTS = [
+    Plot("train_loss.png", "update", "train_loss", "training cross-entropy"),
+    Plot("test_error.png", "update", "test_error", "test error", logy=False),
+    Plot("test_error_vs_seconds.png", "seconds", "test_error", "test error", logy=False),
+]

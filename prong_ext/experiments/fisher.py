@@ -23,10 +23,12 @@ from torch import nn
 import prong_ext
 
 from .. import data as datasets
-from . import common
+from . import common, report
+from .methods import REGISTRY, default_lrs
+from .report import LR, METHOD, Column, Plot, Table
+from .training import RunResult, Task, set_seed
 
-ALLOWED_METHODS = ("sgd", "rmsprop", "bn", "prong", "prong+")
-DEFAULT_LR = {"sgd": 0.1, "rmsprop": 1e-3, "bn": 0.1, "prong": 0.01, "prong+": 0.03}
+DEFAULT_LR = default_lrs("fisher")
 
 
 def build_mlp(n_in: int, hidden: int, depth: int, n_out: int, batchnorm: bool = False) -> nn.Sequential:
@@ -128,7 +130,6 @@ def condition_number(fisher: torch.Tensor) -> tuple[float, torch.Tensor]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_training_arguments(p, updates=2000, methods="sgd,rmsprop,bn,prong", default_lr=DEFAULT_LR)
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
     p.add_argument("--hidden", type=int, default=32, help="units per hidden layer (default: %(default)s)")
     p.add_argument("--depth", type=int, default=3, help="tanh hidden layers (default: %(default)s)")
     p.add_argument(
@@ -166,26 +167,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace, out) -> dict:
+def load(args: argparse.Namespace) -> tuple:
+    """The data set, its first --train-samples images as rows (--data: downsampled to --size) and
+    their labels."""
     ds = common.load_data(args.data)
     x = ds.train_x
     if args.data is not None:
         x = datasets.downsample(x, args.size)
     x = x.reshape(x.shape[0], -1)[: args.train_samples]
-    y = ds.train_y[: args.train_samples]
-    x_f = x[: args.fisher_samples]
+    return ds, x, ds.train_y[: args.train_samples]
+
+
+def make_task(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, x_f: torch.Tensor) -> Task:
+    """Cross-entropy training of build_mlp; every evaluation adds the condition number of the
+    Fisher block of linear layer --layer over the images ``x_f``."""
     n_classes = int(y.max()) + 1
-    if not 1 <= args.layer <= args.depth + 1:
-        raise common.UsageError(f"--layer {args.layer}: the MLP has {args.depth + 1} linear layers")
-    lrs = common.parse_lrs(args.lr, args.methods, DEFAULT_LR)
-    pcfg = common.ProngConfig.from_args(args)
-    every = max(1, args.updates // args.checkpoints)
-
-    def build(bn):
-        return build_mlp(x.shape[1], args.hidden, args.depth, n_classes, bn)
-
-    def loss_fn(model, batch):
-        return F.cross_entropy(model(batch[0]), batch[1])
 
     def evaluate(model):
         logits = model(x)
@@ -199,146 +195,155 @@ def run(args: argparse.Namespace, out) -> dict:
         cond, lam = condition_number(exact_fisher(setup.model, layer, x_f))
         return {"condition_number": cond, "lambda_max": lam[-1].item(), "lambda_min": lam[0].item()}
 
-    results = []
-    models = {}
-    for m in args.methods:
-        common.set_seed(args.seed)
-        setup = common.setup_method(build, m, lrs[m], args.momentum, pcfg)
-        gen = torch.Generator().manual_seed(args.seed + 1)
-        r = common.train(
-            setup,
-            loss_fn,
-            common.batches((x, y), args.batch_size, gen),
-            args.updates,
-            evaluate,
-            every,
-            method=m,
-            lr=lrs[m],
-            quiet=args.quiet,
-            callback=fisher_cond,
-        )
-        results.append(r)
-        models[m] = setup.model
+    return Task.from_args(
+        args,
+        build=lambda bn: build_mlp(x.shape[1], args.hidden, args.depth, n_classes, bn),
+        data=(x, y),
+        loss=lambda model, batch: F.cross_entropy(model(batch[0]), batch[1]),
+        evaluate=evaluate,
+        eval_every=max(1, args.updates // args.checkpoints),
+        callback=fisher_cond,
+    )
 
-    # Fig. 2a-b: the block of the trained plain network, before and after whitening it.
-    base_method = next((m for m in ("sgd", "rmsprop", "bn") if m in models), None)
+
+def run(args: argparse.Namespace, out) -> dict:
+    """Train every method (Fig. 2c), whiten the first plain one's network at initialization and
+    trained (Fig. 2a-b); write the CSVs, plots and summary.md; print the tables."""
+    ds, x, y = load(args)
+    x_f = x[: args.fisher_samples]
+    if not 1 <= args.layer <= args.depth + 1:
+        raise common.UsageError(f"--layer {args.layer}: the MLP has {args.depth + 1} linear layers")
+    lrs = common.parse_lrs(args.lr, args.methods, DEFAULT_LR)
+    task = make_task(args, x, y, x_f)
+    results = task.run_all(lrs)
+    plain = plain_run(results)
     blocks = []
-    if base_method is not None:
-        for stage, model in (("init", None), ("trained", models[base_method])):
-            if model is None:
-                common.set_seed(args.seed)
-                model = build(base_method == "bn")
-            model.eval()
-            before = exact_fisher(model, linear_layers(model)[args.layer - 1], x_f)
-            white = copy.deepcopy(model)
-            prong_ext.whiten(white)
-            prong = prong_ext.Prong(white, None, **pcfg.kwargs())
-            prong.reparametrize(x[: args.num_samples])
-            white.eval()
-            after = exact_fisher(white, linear_layers(white)[args.layer - 1], x_f)
-            cb, lb = condition_number(before)
-            ca, la = condition_number(after)
-            blocks.append(
-                {
-                    "stage": stage,
-                    "model": base_method,
-                    "cond_before": cb,
-                    "cond_after": ca,
-                    "reduction_pct": 100 * (1 - ca / cb),
-                    "lam": (lb, la),
-                    "F": (before, after),
-                }
-            )
-        spectrum = [
-            {
-                "stage": b["stage"],
-                "index": i,
-                "eig_before": b["lam"][0][i].item(),
-                "eig_after": b["lam"][1][i].item(),
-            }
-            for b in blocks
-            for i in range(b["lam"][0].numel())
-        ]
-        common.write_csv(out / "spectrum.csv", spectrum)
-        n_in = linear_layers(models[base_method])[args.layer - 1].weight.shape[1]
-        plot_blocks(
-            blocks[-1]["F"],
-            out / "fisher_blocks.png",
-            f"Fisher block of layer {args.layer} ({base_method}, trained)",
-            n_in,
-            args.show_units,
-        )
-        plot_spectra(blocks, out / "fisher_spectrum.png")
-
-    common.write_csv(out / "curves.csv", common.curve_rows(results))
-    common.plot_curves(
-        results,
-        "update",
-        "condition_number",
-        out / "condition_number.png",
-        title=f"condition number of the Fisher block of layer {args.layer}",
-        xlabel="updates",
-        ylabel="lambda_max / lambda_min",
+    if plain is not None:
+        blocks = whitening_blocks(task, plain, x, x_f, args.layer)
+        write_blocks(out, blocks, plain, args)
+    report.write_curves(out, results, plots(args.layer))
+    table = summary_table(results)
+    btable = Table(
+        ["network", "trained with", "cond before whitening", "cond after whitening", "reduction %"],
+        [[b["stage"], b["model"], b["cond_before"], b["cond_after"], b["reduction_pct"]] for b in blocks],
     )
-    common.plot_curves(
-        results,
-        "update",
-        "train_loss",
-        out / "train_loss.png",
-        title="training loss",
-        xlabel="updates",
-        ylabel="cross-entropy",
-    )
-
-    rows = [
-        [
-            r.method,
-            r.lr,
-            r.records[0]["condition_number"],
-            r.final("condition_number"),
-            r.final("train_loss"),
-            r.final("train_error"),
-        ]
-        for r in results
-    ]
-    header = ["method", "lr", "cond at t=0", "cond at end", "final train loss", "final train error"]
-    btab = [[b["stage"], b["model"], b["cond_before"], b["cond_after"], b["reduction_pct"]] for b in blocks]
-    bhead = ["network", "trained with", "cond before whitening", "cond after whitening", "reduction %"]
-    env = common.run_env(args)
-    common.write_csv(out / "summary.csv", common.with_commit([dict(zip(header, r)) for r in rows], env))
-    common.write_csv(out / "whitening.csv", [dict(zip(bhead, r)) for r in btab])
-    sizes = [x.shape[1]] + [args.hidden] * args.depth + [n_classes]
-    md = [
-        f"# Fisher conditioning ({ds.name})",
-        "",
-        f"Command: `{common.command_line(args.argv)}`  ",
+    report.write_csv(out / "whitening.csv", btable.records())
+    sizes = [x.shape[1]] + [args.hidden] * args.depth + [int(y.max()) + 1]
+    settings = (
         f"MLP {'-'.join(map(str, sizes))} (tanh), {x.shape[0]} training images, Fisher block of linear "
         f"layer {args.layer} ({sizes[args.layer]}x{sizes[args.layer - 1]} weights) "
         f"averaged exactly over {x_f.shape[0]} images and all classes; batch {args.batch_size}, "
         f"{args.updates} updates, T={args.interval}, eps={args.eps:g}, momentum={args.momentum:g}, "
-        f"seed {args.seed}.  ",
-        f"Environment: {common.environment_line(env)}.",
-        "",
+        f"seed {args.seed}."
+    )
+    title = f"Fisher conditioning ({ds.name})"
+    report.write_summary(out, args, title, settings, summary_body(btable, table), table)
+    return {"results": results, "blocks": blocks}
+
+
+def plain_run(results: list[RunResult]) -> RunResult | None:
+    """The run of the first method, in registry order, that Prong does not manage (sgd, rmsprop, bn)."""
+    by_method = {r.method: r for r in results}
+    return next((by_method[m.name] for m in REGISTRY.values() if not m.prong and m.name in by_method), None)
+
+
+def whitening_blocks(task: Task, plain: RunResult, x: torch.Tensor, x_f: torch.Tensor, layer: int) -> list:
+    """Fig. 2a-b: the Fisher block of ``layer`` of ``plain``'s network, at initialization and
+    trained, before and after whitening it from the first N_s images of ``x``."""
+    blocks = []
+    for stage in ("init", "trained"):
+        if stage == "init":
+            set_seed(task.seed)
+            model = task.build(REGISTRY[plain.method].batchnorm)
+        else:
+            model = plain.model
+        model.eval()
+        before = exact_fisher(model, linear_layers(model)[layer - 1], x_f)
+        white = copy.deepcopy(model)
+        prong_ext.whiten(white)
+        prong = prong_ext.Prong(white, None, **task.prong.kwargs())
+        prong.reparametrize(x[: task.prong.num_samples])
+        white.eval()
+        after = exact_fisher(white, linear_layers(white)[layer - 1], x_f)
+        (cb, lb), (ca, la) = condition_number(before), condition_number(after)
+        blocks.append(
+            {
+                "stage": stage,
+                "model": plain.method,
+                "cond_before": cb,
+                "cond_after": ca,
+                "reduction_pct": 100 * (1 - ca / cb),
+                "lam": (lb, la),
+                "F": (before, after),
+            }
+        )
+    return blocks
+
+
+def write_blocks(out, blocks: list[dict], plain: RunResult, args: argparse.Namespace) -> None:
+    """spectrum.csv (the eigenvalues of every block) and the plots of Fig. 2a-b."""
+    spectrum = [
+        {
+            "stage": b["stage"],
+            "index": i,
+            "eig_before": b["lam"][0][i].item(),
+            "eig_after": b["lam"][1][i].item(),
+        }
+        for b in blocks
+        for i in range(b["lam"][0].numel())
+    ]
+    report.write_csv(out / "spectrum.csv", spectrum)
+    n_in = linear_layers(plain.model)[args.layer - 1].weight.shape[1]
+    title = f"Fisher block of layer {args.layer} ({plain.method}, trained)"
+    plot_blocks(blocks[-1]["F"], out / "fisher_blocks.png", title, n_in, args.show_units)
+    plot_spectra(blocks, out / "fisher_spectrum.png")
+
+
+def plots(layer: int) -> list[Plot]:
+    return [
+        Plot(
+            "condition_number.png",
+            "update",
+            "condition_number",
+            "lambda_max / lambda_min",
+            title=f"condition number of the Fisher block of layer {layer}",
+        ),
+        Plot("train_loss.png", "update", "train_loss", "cross-entropy", title="training loss"),
+    ]
+
+
+def summary_table(results: list[RunResult]) -> Table:
+    """The condition number at the start and the end of training, the final loss and error."""
+    return report.method_table(
+        results,
+        [
+            METHOD,
+            LR,
+            Column("cond at t=0", lambda r: r.records[0]["condition_number"]),
+            Column("cond at end", lambda r: r.final("condition_number")),
+            Column("final train loss", lambda r: r.final("train_loss")),
+            Column("final train error", lambda r: r.final("train_error")),
+        ],
+    )
+
+
+def summary_body(btable: Table, table: Table) -> list:
+    return [
         "## Whitening the layer (Fig. 2a-b)",
         "",
-        common.md_table(bhead, btab),
+        btable,
         "",
-        "![](fisher_blocks.png) ![](fisher_spectrum.png)",
+        report.images("fisher_blocks.png", "fisher_spectrum.png"),
         "",
         "## Condition number during training (Fig. 2c)",
         "",
         "Measured in each method's own coordinates (V for prong, W otherwise; bn in eval mode).",
         "",
-        common.md_table(header, rows),
+        table,
         "",
-        "![](condition_number.png) ![](train_loss.png)",
+        report.images("condition_number.png", "train_loss.png"),
         "",
     ]
-    (out / "summary.md").write_text("\n".join(md))
-    print(common.text_table(bhead, btab))
-    print()
-    print(common.text_table(header, rows))
-    return {"results": results, "blocks": blocks}
 
 
 def plot_blocks(
@@ -346,7 +351,7 @@ def plot_blocks(
 ) -> None:
     """|F| of the whole block (log scale, top) and of the weights of the first ``units`` output
     units (linear scale, bottom: the paper's Fig. 2a-b shows such a zoom)."""
-    plt = common.pyplot()
+    plt = report.pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(10, 9.5))
     k = min(units * n_in, blocks[0].shape[0])
     for col, (f, name) in enumerate(zip(blocks, ("before whitening (W)", "after whitening (V)"))):
@@ -377,7 +382,7 @@ def _lognorm(a):
 
 
 def plot_spectra(blocks: list[dict], path) -> None:
-    plt = common.pyplot()
+    plt = report.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for b, ls in zip(blocks, ("--", "-")):
         lb, la = b["lam"]

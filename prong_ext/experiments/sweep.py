@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import NamedTuple
 
-import torch
-
-from . import common
+from . import common, report
 from .autoencoder import DIGITS_ARCH, MNIST_ARCH, build_autoencoder, reconstruction_loss, squared_error
+from .report import Table
+from .training import RunResult, Task
 
 
 def _floats(s: str) -> list[float]:
@@ -35,9 +36,7 @@ def _ints(s: str) -> list[int]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--updates", type=int, default=1000, help="updates per run (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=64, help="minibatch size (default: %(default)s)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
+    common.add_training_arguments(p, updates=1000, updates_help="updates per run")
     p.add_argument(
         "--eps-values",
         type=_floats,
@@ -60,132 +59,115 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--lr", type=float, default=0.01, help="learning rate of the runs of (b) (default: %(default)s)"
     )
     p.add_argument("--train-samples", type=int, default=None, help="use only the first N training images")
-    p.add_argument(
-        "--eval-samples",
-        type=int,
-        default=2000,
-        help="training images on which the error is measured (default: %(default)s)",
-    )
-    p.add_argument(
-        "--eval-every", type=int, default=None, help="updates between evaluations (default: updates/30)"
-    )
+    common.add_eval_arguments(p, every=30)
+
+
+class IntervalRun(NamedTuple):
+    """A run of (b): PRONG at interval ``T`` from the ``init`` initialization; T = 0: SGD."""
+
+    T: int
+    init: str  # "whitened" or "fan-in"
+    result: RunResult
+
+    @property
+    def label(self) -> str:
+        return f"T={self.T}, {self.init} init" if self.T else "sgd"
 
 
 def run(args: argparse.Namespace, out) -> dict:
+    """Run (a) and (b); write their CSVs, plots and summary.md; print the tables."""
     ds, x = common.train_rows(args)
-    sizes = DIGITS_ARCH if x.shape[1] == 64 else MNIST_ARCH if x.shape[1] == 784 else None
+    sizes = {64: DIGITS_ARCH, 784: MNIST_ARCH}.get(x.shape[1])
     if sizes is None:
         raise common.UsageError(f"sweep: no auto-encoder architecture for {x.shape[1]}-pixel images")
     x_eval = x[: args.eval_samples]
-    eval_every = args.eval_every or max(1, args.updates // 30)
-
-    def loss_fn(model, batch):
-        return reconstruction_loss(model(batch[0]), batch[0], "ce")
-
-    def evaluate(model):
-        return {"train_error": squared_error(model, x_eval)}
-
-    def one(method, lr, eps, interval, whitened_init, desc):
-        common.set_seed(args.seed)
-        cfg = common.ProngConfig.from_args(args, interval=interval, eps=eps)
-        setup = common.setup_method(
-            lambda bn: build_autoencoder(sizes, "sigmoid", bn), method, lr, args.momentum, cfg
-        )
-        gen = torch.Generator().manual_seed(args.seed + 1)
-        return common.train(
-            setup,
-            loss_fn,
-            common.batches((x,), args.batch_size, gen),
-            args.updates,
-            evaluate,
-            eval_every,
-            method=method,
-            lr=lr,
-            whitened_init=whitened_init,
-            interval=interval,
-            batch_size=args.batch_size,
-            desc=desc,
-            quiet=args.quiet,
-        )
-
-    # (a) eps x learning rate
-    grid_rows = []
-    for lr in args.lrs:
-        r = one("sgd", lr, args.eps, args.interval, True, f"sgd lr={lr:g}")
-        grid_rows.append(_grid_row("sgd", float("nan"), lr, r))
-    for eps in args.eps_values:
-        for lr in args.lrs:
-            r = one("prong", lr, eps, args.interval, True, f"prong eps={eps:g} lr={lr:g}")
-            grid_rows.append(_grid_row("prong", eps, lr, r))
-    common.write_csv(out / "eps_lr.csv", grid_rows)
+    task = Task.from_args(
+        args,
+        build=lambda bn: build_autoencoder(sizes, "sigmoid", bn),
+        data=(x,),
+        loss=lambda model, batch: reconstruction_loss(model(batch[0]), batch[0], "ce"),
+        evaluate=lambda model: {"train_error": squared_error(model, x_eval)},
+        eval_every=common.eval_every(args, 30),
+    )
+    grid_rows = eps_lr_grid(task, args)
+    report.write_csv(out / "eps_lr.csv", grid_rows)
     plot_grid(grid_rows, out / "eps_lr.png", args)
-
-    # (b) T, whitened vs fan-in initialization
-    t_results = []
-    for interval in args.intervals:
-        for init in (True, False):
-            name = "whitened" if init else "fan-in"
-            r = one("prong", args.lr, args.eps, interval, init, f"T={interval} {name} init")
-            r.label = f"T={interval}, {name} init"
-            r.interval, r.init = interval, name
-            t_results.append(r)
-    sgd = one("sgd", args.lr, args.eps, args.interval, True, "sgd")
-    sgd.label, sgd.interval, sgd.init = "sgd", 0, "fan-in"
-    rows = [
-        {"T": r.interval, "init": r.init, "lr": r.lr, **rec} for r in t_results + [sgd] for rec in r.records
-    ]
-    common.write_csv(out / "interval.csv", rows)
-    plot_intervals(t_results, sgd, out / "interval.png", args)
-
-    trows = [
-        [
-            r.interval or "sgd",
-            r.init,
-            r.final("train_error"),
-            r.num_reparametrizations,
-            1e3 * r.seconds_per_update,
-            "yes" if r.diverged else "no",
-        ]
-        for r in t_results + [sgd]
-    ]
-    theader = ["T", "init", "final train error", "reparametrizations", "ms/update", "diverged"]
-    lrs = args.lrs
-    gheader = ["eps \\ lr"] + [f"{lr:g}" for lr in lrs]
-    gtab = []
-    for key in [("sgd", None)] + [("prong", e) for e in args.eps_values]:
-        cells = [r for r in grid_rows if r["method"] == key[0] and (key[1] is None or r["eps"] == key[1])]
-        gtab.append(
-            [("sgd" if key[1] is None else f"prong eps={key[1]:g}")]
-            + [(c["final_error"] if not c["diverged"] else "diverged") for c in cells]
-        )
-    env = common.run_env(args)
-    md = [
-        f"# Hyper-parameter sensitivity ({ds.name})",
-        "",
-        f"Command: `{common.command_line(args.argv)}`  ",
+    runs = interval_runs(task, args)
+    rows = [{"T": r.T, "init": r.init, "lr": r.result.lr, **rec} for r in runs for rec in r.result.records]
+    report.write_csv(out / "interval.csv", rows)
+    plot_intervals(runs, out / "interval.png", args)
+    settings = (
         f"Auto-encoder {'-'.join(map(str, sizes))} (sigmoid, cross-entropy), {x.shape[0]} images, "
         f"batch {args.batch_size}, {args.updates} updates per run, momentum {args.momentum:g}, "
-        f"N_s={args.num_samples}, seed {args.seed}.  ",
-        f"Environment: {common.environment_line(env)}.",
-        "",
+        f"N_s={args.num_samples}, seed {args.seed}."
+    )
+    body = summary_body(grid_rows, runs, args)
+    report.write_summary(out, args, f"Hyper-parameter sensitivity ({ds.name})", settings, body)
+    return {"grid": grid_rows, "intervals": runs[:-1], "sgd": runs[-1]}
+
+
+def eps_lr_grid(task: Task, args: argparse.Namespace) -> list[dict]:
+    """(a): SGD at every learning rate, then PRONG at every (eps, learning rate); rows of eps_lr.csv."""
+    rows = []
+    for lr in args.lrs:
+        r = task.run("sgd", lr, desc=f"sgd lr={lr:g}")
+        rows.append(_grid_row("sgd", float("nan"), lr, r))
+    for eps in args.eps_values:
+        for lr in args.lrs:
+            r = task.run("prong", lr, prong=task.with_prong(eps=eps), desc=f"prong eps={eps:g} lr={lr:g}")
+            rows.append(_grid_row("prong", eps, lr, r))
+    return rows
+
+
+def interval_runs(task: Task, args: argparse.Namespace) -> list[IntervalRun]:
+    """(b): PRONG at every interval T from the whitened and the fan-in initialization, then SGD."""
+    runs = []
+    for interval in args.intervals:
+        for init in ("whitened", "fan-in"):
+            prong = task.with_prong(interval=interval, whitened_init=init == "whitened")
+            r = task.run("prong", args.lr, prong=prong, desc=f"T={interval} {init} init")
+            runs.append(IntervalRun(interval, init, r))
+    return runs + [IntervalRun(0, "fan-in", task.run("sgd", args.lr, desc="sgd"))]
+
+
+def summary_body(grid_rows: list[dict], runs: list[IntervalRun], args: argparse.Namespace) -> list:
+    """summary.md below the settings: the tables of (a) and (b), their plots."""
+    gtab = []
+    for method, eps in [("sgd", None)] + [("prong", e) for e in args.eps_values]:
+        cells = [r for r in grid_rows if r["method"] == method and (eps is None or r["eps"] == eps)]
+        gtab.append(
+            [("sgd" if eps is None else f"prong eps={eps:g}")]
+            + [(c["final_error"] if not c["diverged"] else "diverged") for c in cells]
+        )
+    trows = [
+        [
+            r.T or "sgd",
+            r.init,
+            r.result.final("train_error"),
+            r.result.num_reparametrizations,
+            1e3 * r.result.seconds_per_update,
+            "yes" if r.result.diverged else "no",
+        ]
+        for r in runs
+    ]
+    return [
         f"## (a) final training error, eps x learning rate (T={args.interval})",
         "",
-        common.md_table(gheader, gtab),
+        Table(["eps \\ lr"] + [f"{lr:g}" for lr in args.lrs], gtab),
         "",
-        "![](eps_lr.png)",
+        report.images("eps_lr.png"),
         "",
         f"## (b) interval T, whitened vs fan-in initialization (lr={args.lr:g}, eps={args.eps:g})",
         "",
-        common.md_table(theader, trows),
+        Table(["T", "init", "final train error", "reparametrizations", "ms/update", "diverged"], trows),
         "",
-        "![](interval.png)",
+        report.images("interval.png"),
         "",
     ]
-    (out / "summary.md").write_text("\n".join(md))
-    print(common.text_table(gheader, gtab))
-    print()
-    print(common.text_table(theader, trows))
-    return {"grid": grid_rows, "intervals": t_results, "sgd": sgd}
+
+
+def _curve(r: RunResult) -> tuple[list, list]:
+    return [rec["update"] for rec in r.records], [rec["train_error"] for rec in r.records]
 
 
 def _grid_row(method, eps, lr, r):
@@ -201,7 +183,7 @@ def _grid_row(method, eps, lr, r):
 
 
 def plot_grid(rows, path, args):
-    plt = common.pyplot()
+    plt = report.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     series = [("sgd", None)] + [("prong", e) for e in args.eps_values]
     for m, e in series:
@@ -225,16 +207,16 @@ def plot_grid(rows, path, args):
     plt.close(fig)
 
 
-def plot_intervals(results, sgd, path, args):
-    plt = common.pyplot()
+def plot_intervals(runs: list[IntervalRun], path, args):
+    """The training curves of (b): one colour per T, solid from the whitened initialization, dashed
+    from the fan-in one; SGD (the last run) dotted black."""
+    plt = report.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for i, r in enumerate(results):
-        xs = [rec["update"] for rec in r.records]
-        ys = [rec["train_error"] for rec in r.records]
+    *prong_runs, sgd = runs
+    for i, r in enumerate(prong_runs):
+        xs, ys = _curve(r.result)
         ax.plot(xs, ys, "-" if r.init == "whitened" else "--", color=f"C{(i // 2) % 10}", label=r.label)
-    ax.plot(
-        [rec["update"] for rec in sgd.records], [rec["train_error"] for rec in sgd.records], ":k", label="sgd"
-    )
+    ax.plot(*_curve(sgd.result), ":k", label="sgd")
     ax.set_yscale("log")
     ax.set_xlabel("updates")
     ax.set_ylabel("training squared error")
