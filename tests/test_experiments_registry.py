@@ -1,0 +1,115 @@
+"""The experiments' method registry and training loop: each entry builds its model variant and
+optimizer, a new method is one entry, Task.run is deterministic and evaluates on schedule."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import prong_ext
+from prong_ext import cli
+from prong_ext.experiments import common, methods, training
+from prong_ext.experiments.fisher import build_mlp
+
+EXPERIMENTS = ("autoencoder", "cnn", "fisher")  # the subcommands with --methods and --lr
+
+
+def _build(batchnorm):
+    return build_mlp(6, 5, 2, 3, batchnorm)
+
+
+def _task(**changes):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 6, generator=g)
+    y = torch.randint(0, 3, (40,), generator=g)
+    fields = dict(
+        build=_build,
+        data=(x, y),
+        loss=lambda model, batch: F.cross_entropy(model(batch[0]), batch[1]),
+        evaluate=lambda model: {"train_loss": F.cross_entropy(model(x), y).item()},
+        eval_every=3,
+        updates=7,
+        batch_size=8,
+        prong=common.ProngConfig(interval=2, num_samples=16),
+        quiet=True,
+    )
+    return training.Task(**{**fields, **changes})
+
+
+def test_every_method_has_a_positive_default_lr_in_every_experiment():
+    assert methods.METHODS == ("sgd", "rmsprop", "bn", "prong", "prong+")
+    for experiment in EXPERIMENTS:
+        lrs = methods.default_lrs(experiment)
+        assert list(lrs) == list(methods.METHODS)
+        assert all(lr > 0 for lr in lrs.values()), (experiment, lrs)
+
+
+def test_the_command_line_accepts_every_registered_method():
+    for name in ("autoencoder", "cnn", "fisher"):
+        args = cli.build_parser().parse_args([name, "--methods", ",".join(methods.METHODS)])
+        cli._check(cli.build_parser(), args)
+        assert args.methods == list(methods.METHODS)
+        lrs = common.parse_lrs([f"{m}=0.5" for m in methods.METHODS], args.methods, methods.default_lrs(name))
+        assert lrs == dict.fromkeys(methods.METHODS, 0.5)
+
+
+@pytest.mark.parametrize("name", methods.METHODS)
+def test_setup_builds_the_variant_of_the_entry(name):
+    entry = methods.REGISTRY[name]
+    config = common.ProngConfig()
+    s = methods.setup(_build, name, 0.1, 0.9, config)
+    kinds = {type(m) for m in s.model.modules()}
+    assert (nn.BatchNorm1d in kinds) == entry.batchnorm
+    assert (prong_ext.WhitenedLinear in kinds) == entry.prong
+    assert (nn.Linear in kinds) == (not entry.prong)
+    assert (s.prong_config is config) == entry.prong and (s.prong_config is None) == (not entry.prong)
+    expected = entry.optimizer(nn.Linear(1, 1).parameters(), 0.1, 0.9)
+    assert type(s.optimizer) is type(expected)
+    assert s.optimizer.defaults["lr"] == 0.1
+    assert s.prong is None  # created by the training loop
+
+
+def test_setup_rejects_an_unknown_method():
+    with pytest.raises(ValueError, match="unknown method 'adam'"):
+        methods.setup(_build, "adam", 0.1, 0.9, common.ProngConfig())
+
+
+def test_a_new_method_is_one_entry(monkeypatch):
+    def adam(params, lr, momentum):
+        return torch.optim.Adam(params, lr=lr)
+
+    entry = methods.Method("prong-adam", adam, dict.fromkeys(EXPERIMENTS, 1e-3), prong=True)
+    monkeypatch.setitem(methods.REGISTRY, entry.name, entry)
+    res = _task().run("prong-adam", 1e-3)
+    assert isinstance(res.model[0], prong_ext.WhitenedLinear)
+    assert res.updates == 7 and not res.diverged
+    assert res.num_reparametrizations > 0
+
+
+@pytest.mark.parametrize("name", ["sgd", "prong+"])
+def test_task_run_is_deterministic_and_evaluates_on_schedule(name):
+    calls = []
+    task = _task(callback=lambda t, s: calls.append(t) or {"calls": len(calls)})
+    a, b = task.run(name, 0.05), task.run(name, 0.05)
+    assert [r["update"] for r in a.records] == [0, 3, 6, 7]
+    assert calls == [0, 3, 6, 7] * 2
+    assert [r["train_loss"] for r in a.records] == [r["train_loss"] for r in b.records]
+    assert all(math.isfinite(r["train_loss"]) for r in a.records)
+    assert (a.num_reparametrizations > 0) == methods.REGISTRY[name].prong
+
+
+def test_a_non_finite_loss_stops_the_run():
+    res = _task(loss=lambda model, batch: model(batch[0]).sum() * float("inf")).run("sgd", 0.1)
+    assert res.diverged and res.updates == 0 and [r["update"] for r in res.records] == [0]
+
+
+def test_prong_schedule_whitened_and_fan_in_initialization():
+    config = common.ProngConfig(interval=100, num_samples=1024)
+    assert training._prong_schedule(None, 64) == (None, None)
+    assert training._prong_schedule(config, 64) == (0, 1)
+    fan_in = common.ProngConfig(interval=100, num_samples=1024, whitened_init=False)
+    assert training._prong_schedule(fan_in, 64) == (100 - 16 + 1, 100)
+    short = common.ProngConfig(interval=5, num_samples=1024, whitened_init=False)
+    assert training._prong_schedule(short, 64) == (1, 5)
