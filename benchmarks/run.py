@@ -25,6 +25,7 @@ later files are not started, and the report is written either way.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -84,6 +85,17 @@ def _ms(seconds: float | None) -> str:
 
 def _x(ratio: float | None) -> str:
     return "" if ratio is None else f"{ratio:.2f}"
+
+
+def _row(*cells) -> str:
+    """A markdown table row."""
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _table_head(*columns: str) -> list[str]:
+    """A markdown table's header and alignment rows; a column named "name:" is right-aligned."""
+    align = "".join("---:|" if c.endswith(":") else "---|" for c in columns)
+    return [_row(*(c.removesuffix(":") for c in columns)), "|" + align]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,15 +199,16 @@ def _ratio(a: dict | None, b: dict | None, key: str = "median_s") -> float | Non
     return a[key] / b[key]
 
 
-def build_report(rows: list[dict], meta: dict) -> tuple[str, list[dict]]:
-    """Markdown text and the list of ratios (for the JSON and the plot)."""
-    ratios: list[dict] = []
-    roof = meta["roofline"]
-    cuda = meta["device_type"] == "cuda"
+class _Ratios:
+    """The ratios of the report's tables, in order (for results.json and the plot)."""
 
-    def add(section, label, ratio, key=None, floor=None):
+    def __init__(self) -> None:
+        self.items: list[dict] = []
+
+    def add(self, section: str, label: str, ratio, key: str | None = None, floor=None):
+        """Records a ratio with its target (TARGETS[key]) and floor; returns the target."""
         target = TARGETS.get(key) if key else None
-        ratios.append(
+        self.items.append(
             {
                 "section": section,
                 "label": label,
@@ -207,6 +220,25 @@ def build_report(rows: list[dict], meta: dict) -> tuple[str, list[dict]]:
         )
         return target
 
+
+def build_report(rows: list[dict], meta: dict) -> tuple[str, list[dict]]:
+    """Markdown text and the list of ratios (for the JSON and the plot)."""
+    ratios = _Ratios()
+    out = _header(meta) + goals_table(meta.get("goals", []), meta["device_type"] == "cuda")
+    for source, section in SECTIONS:
+        groups = _by_group(rows, source)
+        if groups:
+            out += section(groups, ratios.add, meta) + [""]
+    failed = {k: v for k, v in meta["files"].items() if v["rc"] not in (0, 5)}
+    if failed:
+        out += ["## Failures", ""] + [f"- {k}: {_file_status(v)}" for k, v in failed.items()]
+        out.append("")
+    return "\n".join(out), ratios.items
+
+
+def _header(meta: dict) -> list[str]:
+    """The device, versions, source and roofline; a warning when the machine was busy."""
+    roof = meta["roofline"]
     out = [
         "# prong_ext benchmarks",
         "",
@@ -225,188 +257,184 @@ def build_report(rows: list[dict], meta: dict) -> tuple[str, list[dict]]:
             f"{meta['cpu_count']} CPUs): the timings are noisy; quote a quiet run.",
             "",
         ]
-    out += [
+    return out + [
         "Times are pytest-benchmark medians in ms (synchronized, after warm-up). Ratios above 1 in "
         "a naive/prong column mean prong is faster. Targets are figures to compare, not asserted.",
         "",
     ]
-    out += goals_table(meta.get("goals", []), cuda)
 
-    groups = _by_group(rows, "covariance")
-    if groups:
-        peak, _, peak_source = _memory_peak(meta)
+
+def _covariance(groups: dict, add, meta: dict) -> list[str]:
+    peak, _, peak_source = _memory_peak(meta)
+    out = [
+        "## Covariance (NCHW float32, float32 products)",
+        "",
+        "Floor: max(M*C^2 flops / GEMM rate, 4*M*C bytes / copy rate), M = N*H*W. prong GB/s: "
+        f"the bytes read (4*M*C) over prong's time; % of peak: of {peak:.0f} GB/s ({peak_source}).",
+        "",
+    ]
+    out += _table_head(
+        "shape", "layout", "naive ms:", "prong ms:", "torch.cov ms:", "naive/prong:", "target", "met",
+        "floor ms:", "prong/floor:", "prong GB/s:", "% of peak:",
+    )  # fmt: skip
+    return out + [_covariance_row(g, add, meta["roofline"], peak) for g in groups.values()]
+
+
+def _covariance_row(g: dict, add, roof: dict, peak: float) -> str:
+    p = g.get("prong")
+    ex = (p or g.get("naive"))["extra_info"]
+    floor = max(ex["flops"] / (roof["gemm_gflops"] * 1e9), ex["bytes"] / (roof["copy_gbps"] * 1e9))
+    r = _ratio(g.get("naive"), p)
+    t = add("covariance", f"cov {tuple(ex['shape'])} {ex['layout']}", r, "covariance naive/prong")
+    gbps = _read_gbps(p)
+    return _row(
+        tuple(ex["shape"]), ex["layout"], _ms(g.get("naive", {}).get("median_s")), _ms(p and p["median_s"]),
+        _ms(g.get("torch.cov", {}).get("median_s")), _x(r), _fmt_target(t), _met(r, t), _ms(floor),
+        _x(p and p["median_s"] / floor), "" if gbps is None else f"{gbps:.3g}",
+        "" if gbps is None else f"{100 * gbps / peak:.1f}",
+    )  # fmt: skip
+
+
+def _whitened(groups: dict, add, meta: dict) -> list[str]:
+    out = [
+        "## Whitened conv and linear, forward + backward (float32)",
+        "",
+        "prong/plain: the whitened layer against the plain nn.Conv2d / nn.Linear it replaces; its "
+        "flop floor is 1 + 2*C_in/(3*N*H_out*W_out) (the fold, forward and backward). naive/prong: "
+        "against the two-step form; 'best' is the flop bound naive_floor/prong_floor (1x1 convs: "
+        "at most 5/3; linear layers with batch <= width: 1.0, ops.whitened_linear then computes "
+        "the two-step form itself).",
+        "",
+    ]
+    out += _table_head(
+        "layer", "plain ms:", "naive ms:", "prong ms:", "prong/plain:", "target", "met", "floor:",
+        "naive/prong:", "target", "met", "best:",
+    )  # fmt: skip
+    return out + [_whitened_row(g, add) for g in groups.values()]
+
+
+def _whitened_row(g: dict, add) -> str:
+    p, n, pl = g.get("prong"), g.get("naive"), g.get("plain")
+    ex = (p or n or pl)["extra_info"]
+    shape = ex["shape"]
+    if ex["op"] == "whitened_conv":
+        label = _conv_label(shape)
+        key = f"conv{shape['k']}x{shape['k']} naive/prong" if shape["k"] in (1, 3) else None
+        plain_key = "conv prong/plain"
+    else:
+        label = f"linear {shape['in']}x{shape['out']} batch={shape['rows']}"
+        key, plain_key = "linear naive/prong", None
+    t1 = add("whitened", f"{label} prong/plain", _ratio(p, pl), plain_key, ex["prong_floor"])
+    best = ex["naive_floor"] / ex["prong_floor"]
+    t2 = add("whitened", f"{label} naive/prong", _ratio(n, p), key, best)
+    r1, r2 = _ratio(p, pl), _ratio(n, p)
+    return _row(
+        label, _ms(pl and pl["median_s"]), _ms(n and n["median_s"]), _ms(p and p["median_s"]), _x(r1),
+        _fmt_target(t1), _met(r1, t1), f"{ex['prong_floor']:.3f}", _x(r2), _fmt_target(t2), _met(r2, t2),
+        f"{best:.2f}",
+    )  # fmt: skip
+
+
+def _conv_label(shape: dict) -> str:
+    return f"conv{shape['k']}x{shape['k']} N={shape['N']} C={shape['C_in']} {shape['H']}x{shape['W']}"
+
+
+def _naive_vs_prong(source: str, title: str, groups: dict, add, meta: dict) -> list[str]:
+    """The whitening and eigh sections: naive and prong medians, other implementations beside."""
+    impls = sorted({i for g in groups.values() for i in g if i not in ("naive", "prong")})
+    cupy = "cupy" in impls
+    cuda = meta["device_type"] == "cuda"
+    target_key = f"{source} naive/prong" + (" cuda" if cuda and source == "eigh" else "")
+    out = [f"## {title}", ""]
+    if cupy:
         out += [
-            "## Covariance (NCHW float32, float32 products)",
+            "cupy: CuPy's batched eigh, one cupy.linalg.eigh per size on the stacked matrices; "
+            "cupy/prong above 1 means prong is faster (no target).",
             "",
-            "Floor: max(M*C^2 flops / GEMM rate, 4*M*C bytes / copy rate), M = N*H*W. prong GB/s: "
-            f"the bytes read (4*M*C) over prong's time; % of peak: of {peak:.0f} GB/s ({peak_source}).",
-            "",
-            "| shape | layout | naive ms | prong ms | torch.cov ms | naive/prong | target | met "
-            "| floor ms | prong/floor | prong GB/s | % of peak |",
-            "|---|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|",
         ]
-        for g in groups.values():
-            p = g.get("prong")
-            ex = (p or g.get("naive"))["extra_info"]
-            floor = max(ex["flops"] / (roof["gemm_gflops"] * 1e9), ex["bytes"] / (roof["copy_gbps"] * 1e9))
-            r = _ratio(g.get("naive"), p)
-            t = add("covariance", f"cov {tuple(ex['shape'])} {ex['layout']}", r, "covariance naive/prong")
-            gbps = _read_gbps(p)
-            out.append(
-                f"| {tuple(ex['shape'])} | {ex['layout']} | {_ms(g.get('naive', {}).get('median_s'))} "
-                f"| {_ms(p and p['median_s'])} | {_ms(g.get('torch.cov', {}).get('median_s'))} "
-                f"| {_x(r)} | {_fmt_target(t)} | {_met(r, t)} "
-                f"| {_ms(floor)} | {_x(p and p['median_s'] / floor)} "
-                f"| {'' if gbps is None else f'{gbps:.3g}'} "
-                f"| {'' if gbps is None else f'{100 * gbps / peak:.1f}'} |"
-            )
-        out.append("")
-
-    groups = _by_group(rows, "whitened")
-    if groups:
-        out += [
-            "## Whitened conv and linear, forward + backward (float32)",
-            "",
-            "prong/plain: the whitened layer against the plain nn.Conv2d / nn.Linear it replaces; its "
-            "flop floor is 1 + 2*C_in/(3*N*H_out*W_out) (the fold, forward and backward). naive/prong: "
-            "against the two-step form; 'best' is the flop bound naive_floor/prong_floor (1x1 convs: "
-            "at most 5/3; linear layers with batch <= width: 1.0, ops.whitened_linear then computes "
-            "the two-step form itself).",
-            "",
-            "| layer | plain ms | naive ms | prong ms | prong/plain | target | met | floor "
-            "| naive/prong | target | met | best |",
-            "|---|---:|---:|---:|---:|---|---|---:|---:|---|---|---:|",
-        ]
-        for g in groups.values():
-            p, n, pl = g.get("prong"), g.get("naive"), g.get("plain")
-            ex = (p or n or pl)["extra_info"]
-            shape = ex["shape"]
-            if ex["op"] == "whitened_conv":
-                k = shape["k"]
-                label = f"conv{k}x{k} N={shape['N']} C={shape['C_in']} {shape['H']}x{shape['W']}"
-                key = f"conv{shape['k']}x{shape['k']} naive/prong" if shape["k"] in (1, 3) else None
-                t1 = add(
-                    "whitened", f"{label} prong/plain", _ratio(p, pl), "conv prong/plain", ex["prong_floor"]
-                )
-            else:
-                label = f"linear {shape['in']}x{shape['out']} batch={shape['rows']}"
-                key = "linear naive/prong"
-                t1 = add("whitened", f"{label} prong/plain", _ratio(p, pl), None, ex["prong_floor"])
-            best = ex["naive_floor"] / ex["prong_floor"]
-            t2 = add("whitened", f"{label} naive/prong", _ratio(n, p), key, best)
-            r1, r2 = _ratio(p, pl), _ratio(n, p)
-            out.append(
-                f"| {label} | {_ms(pl and pl['median_s'])} | {_ms(n and n['median_s'])} "
-                f"| {_ms(p and p['median_s'])} | {_x(r1)} | {_fmt_target(t1)} | {_met(r1, t1)} "
-                f"| {ex['prong_floor']:.3f} | {_x(r2)} | {_fmt_target(t2)} | {_met(r2, t2)} | {best:.2f} |"
-            )
-        out.append("")
-
-    for source, title in (
-        ("whitening", "Whitening (U, U^-1) of a network's layers"),
-        ("eigh", "Batched eigh"),
-    ):
-        groups = _by_group(rows, source)
-        if not groups:
-            continue
-        impls = sorted({i for g in groups.values() for i in g if i not in ("naive", "prong")})
-        cupy = "cupy" in impls
-        target_key = f"{source} naive/prong" + (" cuda" if cuda and source == "eigh" else "")
-        out += [f"## {title}", ""]
+    others = [f"{i} ms:" for i in impls]
+    cupy_column = ["cupy/prong:"] if cupy else []
+    out += _table_head(
+        "case", "naive ms:", "prong ms:", *others, "naive/prong:", "target", "met", *cupy_column
+    )
+    for name, g in groups.items():
+        r = _ratio(g.get("naive"), g.get("prong"))
+        t = add(source, name, r, target_key)
+        rc = _ratio(g.get("cupy"), g.get("prong"))
         if cupy:
-            out += [
-                "cupy: CuPy's batched eigh, one cupy.linalg.eigh per size on the stacked matrices; "
-                "cupy/prong above 1 means prong is faster (no target).",
-                "",
-            ]
-        out += [
-            "| case | naive ms | prong ms | "
-            + "".join(f"{i} ms | " for i in impls)
-            + "naive/prong | target | met |"
-            + (" cupy/prong |" if cupy else ""),
-            "|---|---:|---:|" + "---:|" * len(impls) + "---:|---|---|" + ("---:|" if cupy else ""),
-        ]
-        for name, g in groups.items():
-            r = _ratio(g.get("naive"), g.get("prong"))
-            t = add(source, name, r, target_key)
-            others = "".join(f"{_ms(g.get(i, {}).get('median_s'))} | " for i in impls)
-            rc = _ratio(g.get("cupy"), g.get("prong"))
-            if cupy:
-                add(source, f"{name} cupy/prong", rc)
-            out.append(
-                f"| {name} | {_ms(g.get('naive', {}).get('median_s'))} | "
-                f"{_ms(g.get('prong', {}).get('median_s'))} | {others}{_x(r)} | {_fmt_target(t)} "
-                f"| {_met(r, t)} |" + (f" {_x(rc)} |" if cupy else "")
-            )
-        out.append("")
+            add(source, f"{name} cupy/prong", rc)
+        times = [_ms(g.get(i, {}).get("median_s")) for i in ("naive", "prong", *impls)]
+        out.append(_row(name, *times, _x(r), _fmt_target(t), _met(r, t), *([_x(rc)] if cupy else [])))
+    return out
 
-    groups = _by_group(rows, "e2e")
-    if groups:
-        out += [
-            "## End to end: one training step, amortized over T = 100 updates",
-            "",
-            "T: sgd = median step; naive = median step + one reparametrization (timed alone) / 100; "
-            "prong = ((100 - n) * median step + the n steps of one statistics window, the "
-            "re-whitening step included, each timed) / 100. Shares: Prong.timings (statistics, "
-            "eigh, projection) over the interval / (100 * T). The paper: PRONG 3.2x SGD per epoch, "
-            "38% of the time in the reparametrization (statistics 4%; eigh on the CPU).",
-            "",
-            "Flop floor: GEMM flops of the PRONG step over the SGD step's (bench_e2e.flop_floors): "
-            "'ops' with the forms prong_ext.ops picks (fold when C_out*k^2 <= N*H*W, else whiten "
-            "the activations), 'best' with the cheaper exact form per layer by these flop counts.",
-            "",
-            "| model | SGD step ms | naive T ms | prong T ms | naive/SGD | PRONG/SGD | target | met "
-            "| flop floor ops / best | reparam share (stats / eigh / proj) | target | naive share |",
-            "|---|---:|---:|---:|---:|---:|---|---|---|---|---|---:|",
-        ]
-        for name, g in groups.items():
-            # a case interrupted at the time limit has its timing but not its T
-            g = {k: r for k, r in g.items() if r["extra_info"].get("T_s") is not None}
-            if not g:
-                continue
-            s, n, p = (g.get(k) for k in ("sgd", "naive", "prong"))
-            ex = (s or p or n)["extra_info"]
-            model = ex["model"]
-            rn = rp = None
-            if s and n:
-                rn = n["extra_info"]["T_s"] / s["extra_info"]["T_s"]
-            if s and p:
-                rp = p["extra_info"]["T_s"] / s["extra_info"]["T_s"]
-            t = add("e2e", f"{model} PRONG/SGD", rp, f"e2e {model} prong/sgd")
-            add("e2e", f"{model} naive/SGD", rn)
-            share = p["extra_info"].get("reparam_share") if p else None
-            st = None
-            if share is not None:
-                st = add(
-                    "e2e",
-                    f"{model} reparam share",
-                    share,
-                    "e2e reparam share cuda" if cuda else None,
-                )
-            sh = p["extra_info"]["shares"] if p else {}
-            share_txt = (
-                f"{100 * share:.1f}% ({100 * sh['statistics']:.1f} / {100 * sh['eigh']:.1f} / "
-                f"{100 * sh['projection']:.1f})"
-                if share is not None
-                else ""
-            )
-            nshare = n["extra_info"].get("reparam_share") if n else None
-            out.append(
-                f"| {name.removeprefix('e2e ')} | {_ms(s and s['extra_info']['T_s'])} "
-                f"| {_ms(n and n['extra_info']['T_s'])} | {_ms(p and p['extra_info']['T_s'])} "
-                f"| {_x(rn)} | {_x(rp)} | {_fmt_target(t)} | {_met(rp, t)} "
-                f"| {ex['flop_floor_ops']:.2f} / {ex['flop_floor_best']:.2f} | {share_txt} "
-                f"| {_fmt_target(TARGETS['e2e reparam share cuda'])}{'' if cuda else ' (GPU)'}"
-                f"{(' ' + _met(share, st)) if st else ''} "
-                f"| {'' if nshare is None else f'{100 * nshare:.1f}%'} |"
-            )
-        out.append("")
 
-    failed = {k: v for k, v in meta["files"].items() if v["rc"] not in (0, 5)}
-    if failed:
-        out += ["## Failures", ""] + [f"- {k}: {_file_status(v)}" for k, v in failed.items()]
-        out.append("")
-    return "\n".join(out), ratios
+def _e2e(groups: dict, add, meta: dict) -> list[str]:
+    out = [
+        "## End to end: one training step, amortized over T = 100 updates",
+        "",
+        "T: sgd = median step; naive = median step + one reparametrization (timed alone) / 100; "
+        "prong = ((100 - n) * median step + the n steps of one statistics window, the "
+        "re-whitening step included, each timed) / 100. Shares: Prong.timings (statistics, "
+        "eigh, projection) over the interval / (100 * T). The paper: PRONG 3.2x SGD per epoch, "
+        "38% of the time in the reparametrization (statistics 4%; eigh on the CPU).",
+        "",
+        "Flop floor: GEMM flops of the PRONG step over the SGD step's (bench_e2e.flop_floors): "
+        "'ops' with the forms prong_ext.ops picks (fold when C_out*k^2 <= N*H*W, else whiten "
+        "the activations), 'best' with the cheaper exact form per layer by these flop counts.",
+        "",
+    ]
+    out += _table_head(
+        "model", "SGD step ms:", "naive T ms:", "prong T ms:", "naive/SGD:", "PRONG/SGD:", "target", "met",
+        "flop floor ops / best", "reparam share (stats / eigh / proj)", "target", "naive share:",
+    )  # fmt: skip
+    for name, g in groups.items():
+        # a case interrupted at the time limit has its timing but not its T
+        g = {k: r for k, r in g.items() if r["extra_info"].get("T_s") is not None}
+        if g:
+            out.append(_e2e_row(name, g, add, meta["device_type"] == "cuda"))
+    return out
+
+
+def _e2e_row(name: str, g: dict, add, cuda: bool) -> str:
+    s, n, p = (g.get(k) for k in ("sgd", "naive", "prong"))
+    ex = (s or p or n)["extra_info"]
+    model = ex["model"]
+    rn = n["extra_info"]["T_s"] / s["extra_info"]["T_s"] if s and n else None
+    rp = p["extra_info"]["T_s"] / s["extra_info"]["T_s"] if s and p else None
+    t = add("e2e", f"{model} PRONG/SGD", rp, f"e2e {model} prong/sgd")
+    add("e2e", f"{model} naive/SGD", rn)
+    share = p["extra_info"].get("reparam_share") if p else None
+    st = None
+    if share is not None:
+        st = add("e2e", f"{model} reparam share", share, "e2e reparam share cuda" if cuda else None)
+    sh = p["extra_info"]["shares"] if p else {}
+    share_txt = (
+        f"{100 * share:.1f}% ({100 * sh['statistics']:.1f} / {100 * sh['eigh']:.1f} / "
+        f"{100 * sh['projection']:.1f})"
+        if share is not None
+        else ""
+    )
+    nshare = n["extra_info"].get("reparam_share") if n else None
+    share_target = _fmt_target(TARGETS["e2e reparam share cuda"]) + ("" if cuda else " (GPU)")
+    share_target += (" " + _met(share, st)) if st else ""
+    return _row(
+        name.removeprefix("e2e "), *(_ms(r and r["extra_info"]["T_s"]) for r in (s, n, p)), _x(rn), _x(rp),
+        _fmt_target(t), _met(rp, t), f"{ex['flop_floor_ops']:.2f} / {ex['flop_floor_best']:.2f}", share_txt,
+        share_target, "" if nshare is None else f"{100 * nshare:.1f}%",
+    )  # fmt: skip
+
+
+#: the report's sections in order: (bench file key, section(groups, add_ratio, meta) -> lines)
+SECTIONS = (
+    ("covariance", _covariance),
+    ("whitened", _whitened),
+    (
+        "whitening",
+        functools.partial(_naive_vs_prong, "whitening", "Whitening (U, U^-1) of a network's layers"),
+    ),
+    ("eigh", functools.partial(_naive_vs_prong, "eigh", "Batched eigh")),
+    ("e2e", _e2e),
+)
 
 
 def _file_status(v: dict) -> str:
@@ -446,23 +474,24 @@ def goals(rows: list[dict], meta: dict) -> list[dict]:
     eigh_cupy:<set>:<dtype>), goal, value (None when not measured), unit, target, met, case, note.
     """
     cuda = meta["device_type"] == "cuda"
-    out: list[dict] = []
+    return [_bandwidth_goal(rows, meta, cuda), _conv_goal(rows, cuda), *_eigh_goals(rows, cuda)]
 
-    def entry(key, goal, value, unit, target, case="", note=""):
-        met = _met(value, target).strip("*") if (cuda and target is not None) else ""
-        out.append(
-            {
-                "key": key,
-                "goal": goal,
-                "value": value,
-                "unit": unit,
-                "target": None if target is None else list(target),
-                "met": met or None,
-                "case": case,
-                "note": note,
-            }
-        )
 
+def _goal(cuda: bool, key: str, goal: str, value, unit: str, target, case: str = "", note: str = "") -> dict:
+    met = _met(value, target).strip("*") if (cuda and target is not None) else ""
+    return {
+        "key": key,
+        "goal": goal,
+        "value": value,
+        "unit": unit,
+        "target": None if target is None else list(target),
+        "met": met or None,
+        "case": case,
+        "note": note,
+    }
+
+
+def _bandwidth_goal(rows: list[dict], meta: dict, cuda: bool) -> dict:
     peak, peak_name, _ = _memory_peak(meta)
     target = TARGETS["covariance % of memory peak"]
     shares = []
@@ -473,64 +502,80 @@ def goals(rows: list[dict], meta: dict) -> list[dict]:
         if gbps is not None and ex["shape"][1] <= 256:
             shares.append((100 * gbps / peak, f"{tuple(ex['shape'])} {ex['layout']}"))
     worst = min(shares) if shares else (None, "")
-    entry(
-        "covariance_bandwidth",
-        "covariance read bandwidth, C <= 256 (worst case)",
-        worst[0],
-        f"% of {peak_name}",
-        target,
-        worst[1],
-        f"{sum(v >= target[1] for v, _ in shares)} of {len(shares)} cases at or above {target[1]:g}%"
+    return _goal(
+        cuda,
+        key="covariance_bandwidth",
+        goal="covariance read bandwidth, C <= 256 (worst case)",
+        value=worst[0],
+        unit=f"% of {peak_name}",
+        target=target,
+        case=worst[1],
+        note=f"{sum(v >= target[1] for v, _ in shares)} of {len(shares)} cases at or above {target[1]:g}%"
         if shares
         else "no covariance case measured",
     )
 
+
+def _conv_goal(rows: list[dict], cuda: bool) -> dict:
     target = TARGETS["conv prong/plain"]
     convs = []
     for g in _by_group(rows, "whitened").values():
         p, pl = g.get("prong"), g.get("plain")
         r = _ratio(p, pl)
         if r is not None and p["extra_info"]["op"] == "whitened_conv":
-            sh = p["extra_info"]["shape"]
-            label = f"conv{sh['k']}x{sh['k']} N={sh['N']} C={sh['C_in']} {sh['H']}x{sh['W']}"
-            convs.append((r, label, p["extra_info"]["prong_floor"]))
+            convs.append((r, _conv_label(p["extra_info"]["shape"]), p["extra_info"]["prong_floor"]))
     worst = max(convs) if convs else (None, "", None)
-    entry(
-        "conv_vs_plain",
-        "whitened conv fwd+bwd / plain conv (worst shape)",
-        worst[0],
-        "x",
-        target,
-        worst[1],
-        f"{sum(r <= target[1] for r, _, _ in convs)} of {len(convs)} shapes at or below {target[1]:g}; "
+    return _goal(
+        cuda,
+        key="conv_vs_plain",
+        goal="whitened conv fwd+bwd / plain conv (worst shape)",
+        value=worst[0],
+        unit="x",
+        target=target,
+        case=worst[1],
+        note=f"{sum(r <= target[1] for r, _, _ in convs)} of {len(convs)} shapes at or below {target[1]:g}; "
         f"flop floor of the worst {worst[2]:.3f}"
         if convs
         else "no conv case measured",
     )
 
-    target = TARGETS["eigh naive/prong cuda"]
+
+def _eigh_goals(rows: list[dict], cuda: bool) -> list[dict]:
+    """Per eigh group: the loop of torch.linalg.eigh / prong, and CuPy / prong where measured."""
+    out = []
     for g in _by_group(rows, "eigh").values():
         ex = next(iter(g.values()))["extra_info"]
         layers = ex.get("layers", "?")
-        label = f"{layers} ({len(ex['sizes'])} matrices) {ex['dtype']}"
-        entry(
-            f"eigh_loop:{layers}:{ex['dtype']}",
-            f"batched eigh, {layers} layer set: loop of torch.linalg.eigh / prong",
-            _ratio(g.get("naive"), g.get("prong")),
-            "x",
-            target,
-            label,
+        case = f"{layers} ({len(ex['sizes'])} matrices) {ex['dtype']}"
+        key, goal = f"{layers}:{ex['dtype']}", f"batched eigh, {layers} layer set:"
+        target = TARGETS["eigh naive/prong cuda"]
+        ratio = _ratio(g.get("naive"), g.get("prong"))
+        out.append(
+            _goal(
+                cuda,
+                f"eigh_loop:{key}",
+                f"{goal} loop of torch.linalg.eigh / prong",
+                ratio,
+                "x",
+                target,
+                case,
+            )
         )
         if "cupy" in g:
             looped = g["cupy"]["extra_info"].get("cupy_looped_sizes") or []
-            entry(
-                f"eigh_cupy:{layers}:{ex['dtype']}",
-                f"batched eigh, {layers} layer set: CuPy's batched eigh / prong",
-                _ratio(g.get("cupy"), g.get("prong")),
-                "x",
-                None,
-                label,
-                f"CuPy decomposed sizes {looped} one at a time (its stacked call failed)" if looped else "",
+            note = f"CuPy decomposed sizes {looped} one at a time (its stacked call failed)" if looped else ""
+            ratio = _ratio(g.get("cupy"), g.get("prong"))
+            out.append(
+                _goal(
+                    cuda,
+                    f"eigh_cupy:{key}",
+                    f"{goal} CuPy's batched eigh / prong",
+                    ratio,
+                    "x",
+                    None,
+                    case,
+                    note,
+                )
             )
     return out
 
@@ -543,8 +588,7 @@ def goals_table(items: list[dict], cuda: bool) -> list[str]:
         "The figures that decide the GPU goals, from the tables below."
         + ("" if cuda else " This run had no GPU: the figures are the CPU's, not judged."),
         "",
-        "| goal | target | achieved | met | case | note |",
-        "|---|---|---:|---|---|---|",
+        *_table_head("goal", "target", "achieved:", "met", "case", "note"),
     ]
     for e in items:
         target = "" if e["target"] is None else f"{'≥' if e['target'][0] == '>=' else '≤'} {e['target'][1]:g}"
@@ -553,8 +597,7 @@ def goals_table(items: list[dict], cuda: bool) -> list[str]:
         unit = e["unit"] if e["unit"] != "x" else ""
         met = {"yes": "yes", "no": "**no**"}.get(e["met"] or "", "")
         out.append(
-            f"| {e['goal']} | {f'{target} {unit}'.strip()} | {f'{value} {unit}'.strip()} | {met} "
-            f"| {e['case']} | {e['note']} |"
+            _row(e["goal"], f"{target} {unit}".strip(), f"{value} {unit}".strip(), met, e["case"], e["note"])
         )
     out.append("")
     return out
@@ -605,7 +648,7 @@ def _loadavg() -> float | None:
         return None
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a much shorter shape list")
     parser.add_argument(
@@ -621,15 +664,19 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="seconds for the whole run (0: none): a file running then is interrupted, later ones skipped",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
 
     import torch
-    from common import device_name, memory_peak, pick_device, roofline
+    from common import device_name, pick_device, roofline
 
-    from prong_ext.experiments.common import commit_text, git_state
+    from prong_ext.experiments.common import git_state
 
     git = git_state(ROOT)  # before the run rewrites results/
-
     start = time.perf_counter()
     deadline = start + args.time_limit if args.time_limit > 0 else None
     load_start = _loadavg()
@@ -643,19 +690,31 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown --only entries {sorted(unknown)}; choose from {list(FILES)}")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception:
-        triton_version = None
     print(f"prong_ext benchmarks: {device_name(device)}, size {size}, output {out_dir}", flush=True)
     roof = roofline(device, quick=size != "full")
     env = dict(os.environ)
     env.update(PRONG_BENCH_SIZE=size, PRONG_BENCH_DEVICE=device, PRONG_BENCH_THREADS=str(args.threads))
     env.pop("TRITON_INTERPRET", None)  # the benchmarks time compiled kernels (or none)
+    rows, files = run_files(only, env, deadline, out_dir)
+    meta = _meta(device, git, size, args.time_limit, roof, files)
+    meta.update(wall_s=time.perf_counter() - start, loadavg_1min={"start": load_start, "end": _loadavg()})
+    meta["goals"] = goals(rows, meta)
+    write_results(out_dir, rows, meta)
+    return 0 if all(v["rc"] in (0, 5) for v in files.values()) else 1
 
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+
+        return triton.__version__
+    except Exception:
+        return None
+
+
+def run_files(only: list[str], env: dict, deadline: float | None, out_dir: Path) -> tuple[list, dict]:
+    """Runs the bench files of ``only`` in order until ``deadline``: (benchmark rows, per file
+    {file, rc, wall_s, benchmarks}); pytest's output goes to pytest.log."""
     rows: list[dict] = []
     files: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp, open(out_dir / "pytest.log", "w") as log:
@@ -675,12 +734,21 @@ def main(argv: list[str] | None = None) -> int:
             rows += new
             files[key] = {"file": FILES[key], "rc": rc, "wall_s": wall, "benchmarks": len(new)}
             print(f"  {FILES[key]}: {len(new)} benchmarks in {wall:.0f} s (exit {rc})", flush=True)
+    return rows, files
 
-    meta = {
+
+def _meta(device: str, git: dict, size: str, time_limit: float, roof: dict, files: dict) -> dict:
+    """The device, versions, git state, machine, settings and files' outcomes of results.json."""
+    import torch
+    from common import device_name, memory_peak
+
+    from prong_ext.experiments.common import commit_text
+
+    return {
         "device": device_name(device),
         "device_type": device,
         "torch": torch.__version__,
-        "triton": triton_version,
+        "triton": _triton_version(),
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         **git,
@@ -693,14 +761,15 @@ def main(argv: list[str] | None = None) -> int:
             "cudnn": torch.backends.cudnn.allow_tf32,
         },
         "size": size,
-        "time_limit_s": args.time_limit or None,
+        "time_limit_s": time_limit or None,
         "roofline": roof,
         "memory_peak": memory_peak(device),
         "files": files,
-        "wall_s": time.perf_counter() - start,
-        "loadavg_1min": {"start": load_start, "end": _loadavg()},
     }
-    meta["goals"] = goals(rows, meta)
+
+
+def write_results(out_dir: Path, rows: list[dict], meta: dict) -> None:
+    """results.md, results.json and ratios.png; prints the report."""
     text, ratios = build_report(rows, meta)
     (out_dir / "results.md").write_text(text + "\n")
     (out_dir / "results.json").write_text(
@@ -713,7 +782,6 @@ def main(argv: list[str] | None = None) -> int:
         + (", ratios.png" if png else " (no ratios.png: matplotlib is not installed)")
         + f" in {meta['wall_s']:.0f} s"
     )
-    return 0 if all(v["rc"] in (0, 5) for v in files.values()) else 1
 
 
 if __name__ == "__main__":
