@@ -84,7 +84,8 @@ def _prong_options(g) -> None:
         "--eps",
         type=_positive_float,
         default=1e-2,
-        help="PRONG: eigenvalue regularizer epsilon (default: %(default)s)",
+        help="PRONG: eigenvalue regularizer epsilon, for the methods without their own "
+        "(prong-adam and prong+-adam: 0.1) (default: %(default)s)",
     )
     g.add_argument(
         "--num-samples",
@@ -154,13 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """--methods as a list of known, distinct methods; the counts that must be positive."""
-    from .experiments.methods import METHODS
+    from .experiments.methods import REGISTRY
 
     if hasattr(args, "methods"):
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        if not methods or any(m not in METHODS for m in methods):
+        if not methods or any(m not in REGISTRY for m in methods):
             parser.error(
-                f"--methods {args.methods!r}: expected a comma-separated subset of {','.join(METHODS)}"
+                f"--methods {args.methods!r}: expected a comma-separated subset of {','.join(REGISTRY)}"
             )
         args.methods = list(dict.fromkeys(methods))
     for name in ("updates", "batch_size", "eval_every", "train_samples", "eval_samples", "tune_updates"):

@@ -309,7 +309,7 @@ def test_cnn_idx_and_digits_fallback(tmp_path, idx_dir, monkeypatch):
     "argv,message",
     [
         (["autoencoder", "--data", "/no/such/dir"], "--data path does not exist: /no/such/dir"),
-        (["autoencoder", "--methods", "sgd,adam"], "--methods 'sgd,adam'"),
+        (["autoencoder", "--methods", "sgd,adagrad"], "--methods 'sgd,adagrad'"),
         (["autoencoder", "--lr", "prong"], "--lr 'prong': expected METHOD=LR"),
         (["autoencoder", "--lr", "foo=0.1"], "unknown method 'foo'"),
         (["autoencoder", "--updates", "0"], "--updates must be > 0"),

@@ -39,7 +39,8 @@ def _task(**changes):
 
 
 def test_every_method_has_a_positive_default_lr_in_every_experiment():
-    assert methods.METHODS == ("sgd", "rmsprop", "bn", "prong", "prong+")
+    assert methods.METHODS[:5] == methods.PAPER_METHODS == ("sgd", "rmsprop", "bn", "prong", "prong+")
+    assert {"adam", "bn-adam", "prong-adam", "prong+-adam"} <= set(methods.METHODS)
     for experiment in EXPERIMENTS:
         lrs = methods.default_lrs(experiment)
         assert list(lrs) == list(methods.METHODS)
@@ -64,7 +65,10 @@ def test_setup_builds_the_variant_of_the_entry(name):
     assert (nn.BatchNorm1d in kinds) == entry.batchnorm
     assert (prong_ext.WhitenedLinear in kinds) == entry.prong
     assert (nn.Linear in kinds) == (not entry.prong)
-    assert (s.prong_config is config) == entry.prong and (s.prong_config is None) == (not entry.prong)
+    assert (s.prong_config is None) == (not entry.prong)
+    if entry.prong:
+        assert s.prong_config.eps == (entry.prong_eps or config.eps)
+        assert s.prong_config.interval == config.interval
     expected = entry.optimizer(nn.Linear(1, 1).parameters(), 0.1, 0.9)
     assert type(s.optimizer) is type(expected)
     assert s.optimizer.defaults["lr"] == 0.1
@@ -72,23 +76,23 @@ def test_setup_builds_the_variant_of_the_entry(name):
 
 
 def test_setup_rejects_an_unknown_method():
-    with pytest.raises(ValueError, match="unknown method 'adam'"):
-        methods.setup(_build, "adam", 0.1, 0.9, common.ProngConfig())
+    with pytest.raises(ValueError, match="unknown method 'adagrad'"):
+        methods.setup(_build, "adagrad", 0.1, 0.9, common.ProngConfig())
 
 
 def test_a_new_method_is_one_entry(monkeypatch):
-    def adam(params, lr, momentum):
-        return torch.optim.Adam(params, lr=lr)
+    def adamw(params, lr, momentum):
+        return torch.optim.AdamW(params, lr=lr)
 
-    entry = methods.Method("prong-adam", adam, dict.fromkeys(EXPERIMENTS, 1e-3), prong=True)
+    entry = methods.Method("prong-adamw", adamw, dict.fromkeys(EXPERIMENTS, 1e-3), prong=True)
     monkeypatch.setitem(methods.REGISTRY, entry.name, entry)
-    res = _task().run("prong-adam", 1e-3)
+    res = _task().run("prong-adamw", 1e-3)
     assert isinstance(res.model[0], prong_ext.WhitenedLinear)
     assert res.updates == 7 and not res.diverged
     assert res.num_reparametrizations > 0
 
 
-@pytest.mark.parametrize("name", ["sgd", "prong+"])
+@pytest.mark.parametrize("name", ["sgd", "prong+", "prong-adam"])
 def test_task_run_is_deterministic_and_evaluates_on_schedule(name):
     calls = []
     task = _task(callback=lambda t, s: calls.append(t) or {"calls": len(calls)})
@@ -113,3 +117,23 @@ def test_prong_schedule_whitened_and_fan_in_initialization():
     assert training._prong_schedule(fan_in, 64) == (100 - 16 + 1, 100)
     short = common.ProngConfig(interval=5, num_samples=1024, whitened_init=False)
     assert training._prong_schedule(short, 64) == (1, 5)
+
+
+def test_the_prong_adam_methods_take_their_own_eps_and_adam():
+    for name in ("prong-adam", "prong+-adam"):
+        s = methods.setup(_build, name, 1e-3, 0.9, common.ProngConfig(eps=1e-2))
+        assert isinstance(s.optimizer, torch.optim.Adam) and s.prong_config.eps == 0.1
+    assert methods.setup(_build, "prong", 1e-3, 0.9, common.ProngConfig(eps=1e-2)).prong_config.eps == 1e-2
+
+
+def test_the_auto_encoder_keeps_the_adaptive_optimizers_rates_on_larger_images():
+    from prong_ext.experiments import autoencoder
+
+    args = cli.build_parser().parse_args(["autoencoder", "--methods", "sgd,rmsprop,adam,prong-adam"])
+    cli._check(cli.build_parser(), args)
+    lrs = autoencoder.learning_rates(args, 784)
+    defaults = methods.default_lrs("autoencoder")
+    assert lrs["sgd"] == pytest.approx(defaults["sgd"] * 64 / 784)
+    assert [lrs[m] for m in ("rmsprop", "adam", "prong-adam")] == [
+        defaults[m] for m in ("rmsprop", "adam", "prong-adam")
+    ]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import common, report
-from .methods import default_lrs
+from .methods import REGISTRY, default_lrs
 from .report import DIVERGED, LR, METHOD, Column, Plot, Table
 from .training import RunResult, Task
 
@@ -70,9 +70,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_training_arguments(
         p,
         updates=2000,
-        methods="sgd,rmsprop,bn,prong,prong+",
+        methods=",".join(common.METHODS),
         default_lr=DEFAULT_LR,
-        lr_note="defaults, tuned on the digits and scaled by 64/pixels for other images except rmsprop's",
+        lr_note="defaults, tuned on the digits and scaled by 64/pixels for other images except the "
+        "adaptive optimizers' (rmsprop, adam)",
         momentum_help="SGD momentum for sgd, bn, prong, prong+",
     )
     p.add_argument(
@@ -127,12 +128,12 @@ def architecture(arch: str | None, n_pix: int, data_name: str) -> tuple[int, ...
 
 def learning_rates(args: argparse.Namespace, n_pix: int) -> dict[str, float]:
     """--lr over the defaults. Those were tuned on the digits (64 pixels); the loss sums over pixels,
-    so gradients grow with the image: the SGD-type defaults (not RMSprop's, which is scale-free)
-    are scaled by 64 / pixels."""
+    so gradients grow with the image: the SGD-type defaults (not those of the adaptive optimizers,
+    RMSprop and Adam, which are scale-free) are scaled by 64 / pixels."""
     lrs = common.parse_lrs(args.lr, args.methods, DEFAULT_LR)
     given = {spec.split("=", 1)[0] for spec in args.lr}
     for m in args.methods:
-        if m not in given and m != "rmsprop" and n_pix != 64:
+        if m not in given and not REGISTRY[m].adaptive and n_pix != 64:
             lrs[m] *= 64 / n_pix
     return lrs
 

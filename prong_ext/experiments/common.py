@@ -16,7 +16,11 @@ import torch
 
 import prong_ext
 
-from .methods import METHODS
+from .methods import PAPER_METHODS, REGISTRY
+
+#: the paper's comparison (autoencoder's default --methods); --methods and --lr take every entry
+#: of the registry
+METHODS = PAPER_METHODS
 
 
 class UsageError(ValueError):
@@ -59,7 +63,7 @@ def add_training_arguments(
         p.add_argument(
             "--methods",
             default=methods,
-            help=f"comma-separated subset of {','.join(METHODS)} (default: %(default)s)",
+            help=f"comma-separated subset of {','.join(REGISTRY)} (default: %(default)s)",
         )
         p.add_argument(
             "--lr",
@@ -99,8 +103,8 @@ def parse_lrs(specs: list[str], methods: list[str], defaults: dict[str, float]) 
         if "=" not in spec:
             raise UsageError(f"--lr {spec!r}: expected METHOD=LR, e.g. --lr prong=0.1")
         m, v = spec.split("=", 1)
-        if m not in METHODS:
-            raise UsageError(f"--lr {spec!r}: unknown method {m!r}; expected one of {', '.join(METHODS)}")
+        if m not in REGISTRY:
+            raise UsageError(f"--lr {spec!r}: unknown method {m!r}; expected one of {', '.join(REGISTRY)}")
         try:
             lrs[m] = float(v)
         except ValueError:
