@@ -6,6 +6,7 @@ Subcommands reproduce the experiments of Desjardins et al. 2015 (see docs/experi
     fisher       exact Fisher block of a hidden layer, before/after whitening (Sec. 4.1, Fig. 2)
     sweep        sensitivity to eps and T, whitened vs fan-in initialization (Fig. 3a-b)
     cnn          small VGG-like convnet: prong / prong+ vs sgd / bn
+    race         the auto-encoder's methods at their best rates over seeds, stepped in turn
 
 Each writes CSV data, PNG plots, summary.md and run.json (command, versions, git commit) to
 ``--out`` (default ``out/<subcommand>``).
@@ -18,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-SUBCOMMANDS = ("autoencoder", "fisher", "sweep", "cnn")
+SUBCOMMANDS = ("autoencoder", "fisher", "sweep", "cnn", "race")
 
 
 def _positive_int(s: str) -> int:
@@ -115,7 +116,7 @@ IDX_HELP = (
 
 def _subcommands() -> dict:
     """name: (module, one-line summary, help of --data)."""
-    from .experiments import autoencoder, cnn, fisher, sweep
+    from .experiments import autoencoder, cnn, fisher, race, sweep
 
     return {
         "autoencoder": (autoencoder, "deep auto-encoder: sgd, rmsprop, bn, prong, prong+ (Fig. 3)", IDX_HELP),
@@ -130,6 +131,11 @@ def _subcommands() -> dict:
             "VGG-like convnet: prong, prong+ vs sgd, bn",
             "Fashion-MNIST/MNIST IDX data as for autoencoder (default: Debian's "
             "/usr/share/datasets/fashion-mnist when installed, else scikit-learn's digits)",
+        ),
+        "race": (
+            race,
+            "the methods at their best rates over seeds, round-robin: loss, updates and seconds to targets",
+            IDX_HELP,
         ),
     }
 
@@ -164,7 +170,15 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                 f"--methods {args.methods!r}: expected a comma-separated subset of {','.join(REGISTRY)}"
             )
         args.methods = list(dict.fromkeys(methods))
-    for name in ("updates", "batch_size", "eval_every", "train_samples", "eval_samples", "tune_updates"):
+    for name in (
+        "updates",
+        "batch_size",
+        "eval_every",
+        "train_samples",
+        "eval_samples",
+        "tune_updates",
+        "horizon",
+    ):
         v = getattr(args, name, None)
         if v is not None and v <= 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0, got {v}")

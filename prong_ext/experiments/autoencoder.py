@@ -76,6 +76,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "adaptive optimizers' (rmsprop, adam)",
         momentum_help="SGD momentum for sgd, bn, prong, prong+",
     )
+    add_model_arguments(p)
+    common.add_eval_arguments(p, every=40)
+    factors = ", ".join(f"{f:g}" for f in TUNE_FACTORS)
+    p.add_argument(
+        "--tune",
+        action="store_true",
+        help=f"first run a short grid of learning rates (default x {factors}) per method and keep the best",
+    )
+    p.add_argument(
+        "--tune-updates", type=int, default=None, help="updates of each tuning run (default: updates/3)"
+    )
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--activation, --loss, --arch, --train-samples: the auto-encoder and its data."""
     p.add_argument(
         "--activation",
         choices=sorted(ACTIVATIONS),
@@ -96,16 +111,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--train-samples", type=int, default=None, help="use only the first N training images (default: all)"
-    )
-    common.add_eval_arguments(p, every=40)
-    factors = ", ".join(f"{f:g}" for f in TUNE_FACTORS)
-    p.add_argument(
-        "--tune",
-        action="store_true",
-        help=f"first run a short grid of learning rates (default x {factors}) per method and keep the best",
-    )
-    p.add_argument(
-        "--tune-updates", type=int, default=None, help="updates of each tuning run (default: updates/3)"
     )
 
 
@@ -138,6 +143,34 @@ def learning_rates(args: argparse.Namespace, n_pix: int) -> dict[str, float]:
     return lrs
 
 
+def make_task(
+    args: argparse.Namespace,
+    x: torch.Tensor,
+    sizes: tuple[int, ...],
+    eval_every: int,
+    with_loss: bool = False,
+) -> Task:
+    """The auto-encoder of ``sizes`` on the rows ``x``, with the command line's shared settings;
+    evaluated on the first --eval-samples rows: the squared error ``train_error`` and, with
+    ``with_loss``, the training objective ``train_loss``."""
+    x_eval = x[: args.eval_samples]
+
+    def evaluate(model: nn.Module) -> dict:
+        r = {"train_error": squared_error(model, x_eval)}
+        if with_loss:
+            r["train_loss"] = reconstruction_loss(model(x_eval), x_eval, args.loss).item()
+        return r
+
+    return Task.from_args(
+        args,
+        build=lambda bn: build_autoencoder(sizes, args.activation, bn),
+        data=(x,),
+        loss=lambda model, batch: reconstruction_loss(model(batch[0]), batch[0], args.loss),
+        evaluate=evaluate,
+        eval_every=eval_every,
+    )
+
+
 def tune(task: Task, lrs: dict[str, float], tune_updates: int) -> list[dict]:
     """--tune: short runs at every factor of TUNE_FACTORS times each method's learning rate; sets
     ``lrs`` to the one of lowest final error; the rows of tune.csv."""
@@ -167,16 +200,8 @@ def run(args: argparse.Namespace, out) -> dict:
     """Train every method, write curves.csv, summary.csv, three plots and summary.md; print a table."""
     ds, x = common.train_rows(args)
     sizes = architecture(args.arch, x.shape[1], ds.name)
-    x_eval = x[: args.eval_samples]
     lrs = learning_rates(args, x.shape[1])
-    task = Task.from_args(
-        args,
-        build=lambda bn: build_autoencoder(sizes, args.activation, bn),
-        data=(x,),
-        loss=lambda model, batch: reconstruction_loss(model(batch[0]), batch[0], args.loss),
-        evaluate=lambda model: {"train_error": squared_error(model, x_eval)},
-        eval_every=common.eval_every(args, 40),
-    )
+    task = make_task(args, x, sizes, common.eval_every(args, 40))
     tune_rows = []
     if args.tune:
         tune_rows = tune(task, lrs, args.tune_updates or max(1, args.updates // 3))
@@ -190,7 +215,8 @@ def run(args: argparse.Namespace, out) -> dict:
         f"batch {args.batch_size}, {args.updates} updates, T={args.interval}, eps={args.eps:g}, "
         f"N_s={args.num_samples}, momentum={args.momentum:g}, seed {args.seed}."
     )
-    body = summary_body(results, table, tune_rows, x_eval.shape[0], task.eval_every)
+    n_eval = min(args.eval_samples, x.shape[0])
+    body = summary_body(results, table, tune_rows, n_eval, task.eval_every)
     report.write_summary(out, args, f"Auto-encoder ({ds.name})", settings, body, table)
     return {"results": results, "summary": table, "lrs": lrs}
 

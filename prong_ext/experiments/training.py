@@ -4,7 +4,8 @@ A Task is what an experiment trains: the model builder, the training tensors, th
 evaluation and the settings every run shares. ``Task.run(method, lr)`` seeds, builds the
 method's variant (methods.setup), draws minibatches and calls ``train``, the loop
 ``loss.backward(); optimizer.step(); prong.step()``, which returns a RunResult: the evaluation
-records and the timings.
+records and the timings. ``Task.start`` gives the same run as a Stepper, advanced one update at a
+time, so that runs can be interleaved.
 """
 
 from __future__ import annotations
@@ -162,11 +163,28 @@ class Task:
     ) -> RunResult:
         """Train ``method`` from the seed, return its RunResult; ``updates``, ``eval_every`` and the
         Prong configuration ``prong`` default to the task's."""
+        stepper = self.start(method, lr, updates=updates, eval_every=eval_every, prong=prong, desc=desc)
+        while stepper.advance():
+            pass
+        return stepper.finish()
+
+    def start(
+        self,
+        method: str,
+        lr: float,
+        *,
+        updates: int | None = None,
+        eval_every: int | None = None,
+        prong: ProngConfig | None = None,
+        desc: str | None = None,
+    ) -> Stepper:
+        """``run``'s start: seed, build ``method``'s variant and return its Stepper, the initial
+        evaluation recorded and no update made."""
         set_seed(self.seed)
         s = setup(self.build, method, lr, self.momentum, prong or self.prong)
         data = batches(self.data, self.batch_size, torch.Generator().manual_seed(self.seed + 1))
         res = RunResult(method, lr, model=s.model)
-        return train(s, self, data, res, updates or self.updates, eval_every or self.eval_every, desc)
+        return Stepper(s, self, data, res, updates or self.updates, eval_every or self.eval_every, desc)
 
     def run_all(self, lrs: dict[str, float]) -> list[RunResult]:
         """One run per method of ``lrs`` (method -> learning rate), in its order."""
@@ -175,6 +193,65 @@ class Task:
     def with_prong(self, **changes) -> ProngConfig:
         """The task's Prong configuration with ``changes`` (interval, eps, whitened_init, ...)."""
         return replace(self.prong, **changes)
+
+
+class Stepper:
+    """A run of ``train`` advanced one update per ``advance()`` call, so that several runs can be
+    interleaved (the race steps them in turn). Created with the initial evaluation recorded;
+    ``finish()`` closes it and returns its RunResult."""
+
+    def __init__(
+        self,
+        s: Setup,
+        task: Task,
+        data: Iterator[tuple],
+        res: RunResult,
+        updates: int,
+        eval_every: int,
+        desc: str | None = None,
+    ):
+        self.s, self.task, self.data, self.res = s, task, data, res
+        self.updates, self.eval_every = updates, eval_every
+        self.create_at, self.first_step = _prong_schedule(s.prong_config, task.batch_size)
+        self.prong = s.start_prong() if self.create_at == 0 else None
+        self.t, self.done = 0, updates <= 0
+        s.model.train()
+        _record(s, task, res, 0)
+        self.bar = progress_bar(updates, desc or res.method, task.quiet)
+
+    def advance(self) -> bool:
+        """One update, and its evaluation when due; False when the run is over (all updates done,
+        or diverged), then nothing happens."""
+        if self.done:
+            return False
+        s, res, t = self.s, self.res, self.t + 1
+        batch = next(self.data)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        if self.prong is None and self.create_at is not None and t >= self.create_at:
+            self.prong = s.start_prong()
+        stepping = self.prong is not None and t >= self.first_step
+        finite = _step(s, self.task.loss, batch, self.prong if stepping else None)
+        res.train_seconds += time.perf_counter() - start
+        res.cpu_seconds += time.process_time() - cpu_start
+        self.t = t
+        if not finite:
+            res.diverged, self.done = True, True
+            return False
+        res.updates = t
+        self.bar.update(1)
+        due = t % self.eval_every == 0 or t == self.updates
+        if due and not _evaluate(s, self.task, res, t, self.bar):
+            self.done = True
+        self.done = self.done or t == self.updates
+        return not self.done
+
+    def finish(self) -> RunResult:
+        """Close the progress bar; Prong's timings and reparametrization count into the result."""
+        self.bar.close()
+        if self.prong is not None:
+            self.res.prong_timings = dict(getattr(self.prong, "timings", {}))
+            self.res.num_reparametrizations = int(getattr(self.prong, "num_reparametrizations", 0))
+        return self.res
 
 
 def train(
@@ -189,40 +266,19 @@ def train(
     """Run ``updates`` optimizer updates of ``s`` on the minibatches ``data`` with ``task``'s loss;
     evaluate (no grad, eval mode) every ``eval_every``; the records and timings go into ``res``.
 
-    The loop is ``loss.backward(); optimizer.step(); prong.step()``. The Prong configuration of
-    ``s`` (PRONG methods) says when Prong starts. With ``whitened_init`` (the paper's whitened
-    initialization) Prong exists from the start and its first step() re-whitens from the first
-    training batch. With ``whitened_init=False`` (fan-in initialization) Prong is created
-    ceil(N_s / batch_size) updates before update ``interval`` (so that its statistics window sees
-    the batches just before) and step() is first called at update ``interval``: the
-    reparametrizations happen at t = T, 2T, ... Evaluation time is not counted in the training
-    seconds. A non-finite loss or evaluation stops the run (``diverged``).
+    The loop is ``loss.backward(); optimizer.step(); prong.step()`` (one Stepper advanced to the
+    end). The Prong configuration of ``s`` (PRONG methods) says when Prong starts. With
+    ``whitened_init`` (the paper's whitened initialization) Prong exists from the start and its
+    first step() re-whitens from the first training batch. With ``whitened_init=False`` (fan-in
+    initialization) Prong is created ceil(N_s / batch_size) updates before update ``interval`` (so
+    that its statistics window sees the batches just before) and step() is first called at update
+    ``interval``: the reparametrizations happen at t = T, 2T, ... Evaluation time is not counted in
+    the training seconds. A non-finite loss or evaluation stops the run (``diverged``).
     """
-    create_at, first_step = _prong_schedule(s.prong_config, task.batch_size)
-    prong = s.start_prong() if create_at == 0 else None
-    s.model.train()
-    _record(s, task, res, 0)
-    bar = progress_bar(updates, desc or res.method, task.quiet)
-    for t in range(1, updates + 1):
-        batch = next(data)
-        start, cpu_start = time.perf_counter(), time.process_time()
-        if prong is None and create_at is not None and t >= create_at:
-            prong = s.start_prong()
-        finite = _step(s, task.loss, batch, prong if prong is not None and t >= first_step else None)
-        res.train_seconds += time.perf_counter() - start
-        res.cpu_seconds += time.process_time() - cpu_start
-        if not finite:
-            res.diverged = True
-            break
-        res.updates = t
-        bar.update(1)
-        if (t % eval_every == 0 or t == updates) and not _evaluate(s, task, res, t, bar):
-            break
-    bar.close()
-    if prong is not None:
-        res.prong_timings = dict(getattr(prong, "timings", {}))
-        res.num_reparametrizations = int(getattr(prong, "num_reparametrizations", 0))
-    return res
+    stepper = Stepper(s, task, data, res, updates, eval_every, desc)
+    while stepper.advance():
+        pass
+    return stepper.finish()
 
 
 def _prong_schedule(config: ProngConfig | None, batch_size: int) -> tuple[int | None, int | None]:

@@ -1,0 +1,133 @@
+"""The race: round-robin stepping, its determinism, the grid's choice, targets fixed before the
+seeded runs, and the summary's columns, on tiny auto-encoders."""
+
+import csv
+import math
+
+import pytest
+
+from prong_ext import cli
+from prong_ext.experiments import autoencoder, common, race
+
+FAST = ["--quiet", "--num-samples", "32", "--interval", "3"]
+TINY = [
+    "--updates",
+    "6",
+    "--horizon",
+    "4",
+    "--eval-every",
+    "2",
+    "--batch-size",
+    "16",
+    "--train-samples",
+    "64",
+]
+
+
+def _task(loss=None):
+    args = cli.build_parser().parse_args(["race", *TINY, *FAST, "--eval-samples", "32"])
+    ds, x = common.train_rows(args)
+    task = autoencoder.make_task(args, x, autoencoder.DIGITS_ARCH, 2, with_loss=True)
+    if loss is not None:
+        task.loss = loss
+    return task
+
+
+def _losses(r):
+    return [rec["train_loss"] for rec in r.records]
+
+
+def test_round_robin_interleaves_the_runs_one_update_each():
+    order = []
+    base = _task().loss
+    task = _task(loss=lambda model, batch: order.append(id(model)) or base(model, batch))
+    results = race.race(task, [("sgd", 0.1, 0), ("prong-adam", 3e-3, 0), ("sgd", 0.1, 1)], "test")
+    ids = [id(r.model) for r in results]
+    assert len(set(ids)) == 3
+    assert order == ids * task.updates
+    assert [r.updates for r in results] == [task.updates] * 3
+
+
+def test_round_robin_is_deterministic_and_equals_each_run_alone():
+    plan = [("sgd", 0.1, 0), ("prong-adam", 3e-3, 1)]
+    a, b = race.race(_task(), plan, "a"), race.race(_task(), plan, "b")
+    assert [_losses(r) for r in a] == [_losses(r) for r in b]
+    task = _task()
+    alone = [race.replace(task, seed=seed).run(m, lr) for m, lr, seed in plan]
+    assert [_losses(r) for r in a] == [_losses(r) for r in alone]
+    assert all(math.isfinite(v) for r in a for v in _losses(r))
+    assert [rec["update"] for rec in a[0].records] == [0, 2, 4, 6]
+
+
+def test_the_grid_picks_the_lowest_final_loss():
+    task = _task()
+    best, runs, rows = race.grid(task, {"sgd": 0.1, "adam": 3e-3}, [0.3, 1.0, 1e9])
+    assert len(rows) == 6
+    for m in ("sgd", "adam"):
+        mine = [r for r in rows if r["method"] == m]
+        assert best[m] == min(mine, key=lambda r: r["final_loss"])["lr"] == runs[m].lr
+        assert best[m] != pytest.approx({"sgd": 0.1, "adam": 3e-3}[m] * 1e9)
+
+
+def test_targets_are_the_best_baseline_at_each_horizon():
+    task = _task()
+    plan = [("sgd", 0.1, 0), ("adam", 3e-3, 0), ("prong-adam", 3e-3, 0)]
+    runs = dict(zip(("sgd", "adam", "prong-adam"), race.race(task, plan, "t")))
+    goals = race.targets(runs, [4, 6])
+    for h in (4, 6):
+        m, value = goals[h]
+        assert m in ("sgd", "adam")
+        assert value == min(race.loss_at(runs[b], h) for b in ("sgd", "adam"))
+
+
+def test_targets_are_fixed_before_the_seeded_runs_and_the_summary_has_its_columns(tmp_path, monkeypatch):
+    calls = []
+    real_race, real_targets = race.race, race.targets
+    monkeypatch.setattr(
+        race, "race", lambda task, plan, desc: calls.append(desc) or real_race(task, plan, desc)
+    )
+    monkeypatch.setattr(race, "targets", lambda *a: calls.append("targets") or real_targets(*a))
+    out = tmp_path / "race"
+    argv = ["race", "--out", str(out), "--methods", "sgd,prong-adam", "--seeds", "0,1", "--grid", "1,3"]
+    assert cli.main(argv + TINY + FAST + ["--eval-samples", "32"]) == 0
+    assert calls == ["grid sgd", "grid prong-adam", "targets", "race"]
+    with open(out / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["method"] for r in rows] == ["sgd", "prong-adam"]
+    for col in (
+        "lr",
+        "loss_4_mean",
+        "loss_4_min",
+        "loss_6_max",
+        "updates_to_target_6",
+        "seconds_to_target_4",
+    ):
+        assert all(r[col] != "" for r in rows), col
+    assert {"ms_per_update", "cpu_ms_per_update", "seeds_reaching_6", "commit"} <= set(rows[0])
+    assert all(r["seeds"] == "2" for r in rows)
+    md = (out / "summary.md").read_text()
+    assert "target 6:" in md and "seconds to target 4" in md and "Learning-rate grid" in md
+    for png in ("loss_vs_updates.png", "loss_vs_seconds.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    with open(out / "curves.csv", newline="") as f:
+        curves = list(csv.DictReader(f))
+    assert {(r["method"], r["seed"]) for r in curves} == {(m, s) for m in ("sgd", "prong-adam") for s in "01"}
+
+
+@pytest.mark.parametrize("argv,message", [(["--seeds", "a"], "--seeds"), (["--grid", "0,1"], "--grid")])
+def test_bad_seeds_and_grids_are_usage_errors(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["race", "--out", str(tmp_path), "--quiet", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_reach_and_standing():
+    r = race.RunResult(
+        "sgd", 0.1, records=[{"update": u, "seconds": u / 10, "train_loss": 10 - u} for u in range(5)]
+    )
+    assert race.reach(r, 7.5) == (3, 0.3) and race.reach(r, 0) is None
+    st = race.Standing("sgd", 0.1, [r, r])
+    assert st.to_target(7.5) == (3, 0.3, 2)
+    assert math.isnan(st.to_target(0)[0]) and race.reach_cells(st, 0) == ["never", "never"]
+    diverged = race.RunResult("sgd", 1.0, records=r.records[:2], diverged=True)
+    assert race.loss_at(diverged, 4) == math.inf  # ranks last in the grid, never reaches a target
