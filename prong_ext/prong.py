@@ -27,7 +27,7 @@ from .nn import WhitenedLayer
 __all__ = ["Prong", "assign_by_cost"]
 
 #: hyperparameters a checkpoint carries (load_state_dict takes them from it)
-_HYPERPARAMETERS = ("interval", "num_samples", "eps", "whitening", "optimizer_state")
+_HYPERPARAMETERS = ("interval", "num_samples", "eps", "whitening", "optimizer_state", "second_moment")
 _TIMINGS = ("statistics", "eigh", "projection")
 #: state_dict sections keyed by layer name: the sides' entries, and those of the open window
 _SIDE_KEYS = ("u_inv", "rescale_sums")
@@ -70,8 +70,16 @@ class Prong:
         whitening: "pca" (the paper) or "zca".
         optimizer_state: "transform" maps the first moments (SGD momentum_buffer, Adam
             exp_avg) exactly to the new coordinates, keeping their direction in (W, b); Adam's
-            exp_avg_sq (no exact transform exists) is kept as it is. "reset" clears the whitened
-            parameters' optimizer state. "keep" leaves it untouched.
+            exp_avg_sq and max_exp_avg_sq (no exact transform exists) go as second_moment says.
+            "reset" clears the whitened parameters' optimizer state. "keep" leaves it untouched.
+        second_moment: with optimizer_state="transform", what a re-whitening does to the second
+            moments of V (docs/algorithm.md section 8): "keep" leaves them as they are; "reset"
+            zeroes them and V's step (Adam's bias correction then restarts, so the update is not
+            inflated; the transformed first moment weighs as one fresh gradient); "diagonal"
+            carries them as the diagonal of E[g g^T] through the map of the gradients,
+            v' = (A * A) v per output row, A = U' U^-1, plus d's share for a moved centre.
+            A rescaling (rescale=True) multiplies them by the squared change under every policy:
+            for a diagonal change that is exact.
         max_features: layers with a wider input stay unwhitened (with a warning).
         rescale: the paper's per-minibatch diagonal rescaling W = V D U (docs/algorithm.md): at every
             step() that does not re-whiten, U becomes D U0 (U0: the U of the last re-whitening)
@@ -109,6 +117,7 @@ class Prong:
         eps: float = 1e-2,
         whitening: str = "pca",
         optimizer_state: str = "transform",
+        second_moment: str = "keep",
         max_features: int = 4096,
         rescale: bool = False,
         process_group=None,
@@ -116,6 +125,7 @@ class Prong:
         _check_arguments(
             interval, num_samples, eps, whitening, optimizer_state, max_features, optimizer, rescale
         )
+        _check_moment_policies(optimizer_state, second_moment)
         self.model = model
         # statistics passes of reparametrize(data) run the wrapped module: DDP's forward would
         # make collectives that ranks with different amounts of data do not match
@@ -128,6 +138,7 @@ class Prong:
         self.eps = float(eps)
         self.whitening = whitening
         self.optimizer_state = optimizer_state
+        self.second_moment = second_moment
         self.max_features = max_features
         self.layers: dict[str, WhitenedLayer] = _select_layers(model, max_features)
         # one state per whitened side, in the order of self.layers
@@ -489,6 +500,7 @@ class Prong:
                 old,
                 side.inverse,
                 self._warned_state_keys,
+                self.second_moment,
             )
             for side, new, old, _ in updates
         ]
@@ -573,6 +585,7 @@ class Prong:
             "eps": self.eps,
             "whitening": self.whitening,
             "optimizer_state": self.optimizer_state,
+            "second_moment": self.second_moment,
             "examples_per_step": self._examples_per_step,
             "num_reparametrizations": self.num_reparametrizations,
             "timings": dict(self.timings),
@@ -585,6 +598,9 @@ class Prong:
         """Restores what state_dict() returned, its tensors moved to each layer's device; the
         layer names and the rescale option must match."""
         self._check_state(state)
+        _check_moment_policies(
+            state["optimizer_state"], state.get("second_moment", self.second_moment), "state_dict"
+        )
         changed = [
             f"{key}={state[key]!r} (constructed with {getattr(self, key)!r})"
             for key in _HYPERPARAMETERS
@@ -603,6 +619,8 @@ class Prong:
         self.eps = float(state["eps"])
         self.whitening = state["whitening"]
         self.optimizer_state = state["optimizer_state"]
+        # a checkpoint from before the option says nothing about it: the constructor's stays
+        self.second_moment = state.get("second_moment", self.second_moment)
         self._examples_per_step = state["examples_per_step"]
         self.num_reparametrizations = int(state["num_reparametrizations"])
         self.timings = dict(state["timings"])
@@ -656,6 +674,19 @@ def _check_arguments(
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
     if not isinstance(rescale, bool):
         raise TypeError(f"{rescale=} must be a bool")
+
+
+def _check_moment_policies(optimizer_state, second_moment, where: str = "Prong") -> None:
+    """Raises a ValueError where second_moment is unknown, or set with an optimizer_state that
+    does not transform."""
+    allowed = _reparam.SECOND_MOMENT_POLICIES
+    if second_moment not in allowed:
+        raise ValueError(f"{where}: {second_moment=} must be one of {', '.join(map(repr, allowed))}")
+    if second_moment != "keep" and optimizer_state != "transform":
+        raise ValueError(
+            f"{where}: {second_moment=} applies only with optimizer_state='transform', got "
+            f"{optimizer_state=} (which already decides the whole state)"
+        )
 
 
 def _select_layers(model: nn.Module, max_features: int) -> dict[str, WhitenedLayer]:
