@@ -30,7 +30,10 @@ def _update(model, opt, x):
 
 
 def _state(opt):
-    return {p: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()} for p, s in opt.state.items()}
+    return {
+        p: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+        for p, s in opt.state.items()
+    }
 
 
 def test_the_policy_is_validated_naming_the_allowed_values():
