@@ -137,3 +137,16 @@ def test_the_auto_encoder_keeps_the_adaptive_optimizers_rates_on_larger_images()
     assert [lrs[m] for m in ("rmsprop", "adam", "prong-adam")] == [
         defaults[m] for m in ("rmsprop", "adam", "prong-adam")
     ]
+
+
+@pytest.mark.parametrize(
+    "name,policy", [("prong-adam", "keep"), ("prong-adam-reset", "reset"), ("prong-adam-diag", "diagonal")]
+)
+def test_the_second_moment_variants_reach_prong(name, policy):
+    stepper = _task().start(name, 1e-3)
+    assert stepper.s.prong_config.second_moment == policy and stepper.s.prong_config.eps == 0.1
+    while stepper.advance():
+        pass
+    res = stepper.finish()
+    assert stepper.prong.second_moment == policy
+    assert res.updates == 7 and not res.diverged and res.num_reparametrizations > 0

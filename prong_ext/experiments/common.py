@@ -127,6 +127,7 @@ class ProngConfig:
     num_samples: int = 1024
     whitening: str = "pca"
     rescale: bool = False
+    second_moment: str = "keep"  # what a re-whitening does to Adam's exp_avg_sq (set per method)
     whitened_init: bool = True  # reparametrize at t = 0 (else the first one happens at t = T)
 
     @classmethod
@@ -136,7 +137,7 @@ class ProngConfig:
 
     def kwargs(self) -> dict:
         """The keyword arguments of prong_ext.Prong."""
-        return {k: v for k, v in asdict(self).items() if k in PRONG_OPTIONS}
+        return {k: v for k, v in asdict(self).items() if k in (*PRONG_OPTIONS, "second_moment")}
 
 
 OUTPUT_DIRS = ("results", "benchmarks/results")  # committed outputs, rewritten by the runs

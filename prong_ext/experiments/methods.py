@@ -51,6 +51,8 @@ class Method:
         batchnorm: the model variant with batch norm after every hidden layer.
         prong: the model's layers are whitened and a prong_ext.Prong controller re-whitens them.
         prong_eps: Prong's eps for this method, over the command line's --eps (None: --eps).
+        second_moment: Prong's ``second_moment``, what a re-whitening does to Adam's exp_avg_sq
+            ('keep', 'reset' or 'diagonal'; None: the configuration's, 'keep').
         adaptive: the optimizer divides by a running RMS of the gradient, so its learning rate
             does not grow or shrink with the scale of the loss (the auto-encoder does not rescale
             it with the image size).
@@ -62,6 +64,7 @@ class Method:
     batchnorm: bool = False
     prong: bool = False
     prong_eps: float | None = None
+    second_moment: str | None = None
     adaptive: bool = False
 
 
@@ -82,6 +85,24 @@ REGISTRY: dict[str, Method] = {
         Method("bn-adam", adam, _ADAM_LR, batchnorm=True, adaptive=True),
         Method("prong-adam", adam, _ADAM_LR, prong=True, prong_eps=0.1, adaptive=True),
         Method("prong+-adam", adam, _ADAM_LR, batchnorm=True, prong=True, prong_eps=0.1, adaptive=True),
+        Method(
+            "prong-adam-reset",
+            adam,
+            _ADAM_LR,
+            prong=True,
+            prong_eps=0.1,
+            second_moment="reset",
+            adaptive=True,
+        ),
+        Method(
+            "prong-adam-diag",
+            adam,
+            _ADAM_LR,
+            prong=True,
+            prong_eps=0.1,
+            second_moment="diagonal",
+            adaptive=True,
+        ),
     )
 }
 METHODS = tuple(REGISTRY)
@@ -124,6 +145,7 @@ def setup(
     optimizer = m.optimizer(model.parameters(), lr, momentum)
     if not m.prong:
         return Setup(model, optimizer)
-    if m.prong_eps is not None:
-        prong_config = replace(prong_config, eps=m.prong_eps)
-    return Setup(model, optimizer, prong_config)
+    changes = {"eps": m.prong_eps, "second_moment": m.second_moment}
+    return Setup(
+        model, optimizer, replace(prong_config, **{k: v for k, v in changes.items() if v is not None})
+    )
