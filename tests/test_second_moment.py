@@ -4,8 +4,8 @@ max_exp_avg_sq of the whitened weights V (docs/algorithm.md section 8)."""
 import pytest
 import torch
 
-from helpers import MODELS, data
-from prong_ext import Prong, whiten
+from helpers import MODELS, assert_within, data, gamma, unit_roundoff
+from prong_ext import Prong, _reparam, whiten
 
 SECOND = ("exp_avg_sq", "max_exp_avg_sq")
 
@@ -121,3 +121,195 @@ def test_reset_leaves_an_optimizer_without_second_moments_as_transform_does():
         runs.append([opt.state[p]["momentum_buffer"].clone() for p in model.parameters()])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# 'diagonal': v_V'[o, j] = sum_i A_ji^2 v_V[o, i] + a_j^2 v_d[o], A = U' U^-1, a = U' (c - c')
+
+
+def _blocks(u: torch.Tensor) -> torch.Tensor:
+    """U as (G, k, k) blocks."""
+    return u if u.dim() == 3 else u.unsqueeze(0)
+
+
+def _per_row(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """A V-shaped tensor (O, k, *taps) as (G, O / G, k, taps)."""
+    return t.reshape(groups, t.shape[0] // groups, t.shape[1], -1)
+
+
+def _scaled_permutation(groups: int, k: int, permute: bool, seed: int) -> torch.Tensor:
+    """Blocks diag(s) P (G, k, k) in float64, P a permutation (the identity unless permute)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(groups):
+        order = torch.randperm(k, generator=g) if permute else torch.arange(k)
+        scale = 0.5 + 2 * torch.rand(k, generator=g, dtype=torch.float64)
+        out.append(scale[:, None] * torch.eye(k, dtype=torch.float64)[order])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("permute", [True, False], ids=["permutation", "scaling"])
+@pytest.mark.parametrize(
+    ("name", "index"),
+    [("mlp", 0), ("mlp_nobias", 2), ("cnn", 0), ("grouped_cnn", 0), ("grouped_cnn", 2)],
+    ids=["linear", "linear_nobias", "conv", "grouped_conv", "depthwise_nobias"],
+)
+def test_diagonal_is_exact_for_a_scaled_permutation(name, index, permute):
+    """Where every new coordinate is one old one, scaled (and c' = c), the carried second moments
+    are those Adam would have accumulated from the transformed gradients."""
+    build, shape = MODELS[name]
+    torch.manual_seed(0)
+    model = whiten(build())
+    layer = model[index]
+    if layer.d is not None:
+        with torch.no_grad():
+            layer.c.copy_(torch.randn(layer.c.shape))  # c' = c != 0: a = 0
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.9), amsgrad=True)
+    steps, beta2 = 6, 0.9
+    grads = []
+    for t in range(steps):
+        _update(model, opt, data(shape, n=16, seed=20 + t))
+        grads.append(layer.V.grad.detach().clone())
+    groups = layer.U.shape[0] if layer.U.dim() == 3 else 1
+    k = layer.U.shape[-1]
+    u_new = _scaled_permutation(groups, k, permute, seed=3)
+    u_new = u_new if layer.U.dim() == 3 else u_new[0]
+    u_new_inv = torch.linalg.inv(u_new)
+    eye = torch.eye(k, dtype=torch.float64).expand_as(u_new).clone()  # the old U is I
+    d_state = None if layer.d is None else _state(opt)[layer.d]
+    new, old = _reparam.project(layer, layer.c.double(), u_new, u_new_inv)
+    moments = _reparam.moved_moments(opt, "transform", layer, new, old, lambda u: eye, set(), "diagonal")
+    with torch.no_grad():
+        _reparam.write(layer, new, opt, moments)
+    # Adam's accumulation, in float64, of the gradients mapped to the new coordinates:
+    # g_V'[o] = A g_V[o] with A = U' (the old U is I)
+    v = peak = torch.zeros_like(grads[0], dtype=torch.float64)
+    for g in grads:
+        moved = torch.einsum("gji,goit->gojt", _blocks(u_new), _per_row(g.double(), groups)).reshape(g.shape)
+        v = beta2 * v + (1 - beta2) * moved.square()
+        peak = torch.maximum(peak, v)
+    # Adam's float32 EMA: <= 4 roundings per step (square, scale, product, sum) of non-negative
+    # terms, and one rounding of the carry to float32
+    bound = gamma(4 * steps + 2)
+    for key, want in (("exp_avg_sq", v), ("max_exp_avg_sq", peak)):
+        assert_within(opt.state[layer.V][key], want, bound * want, key)
+    if d_state is not None:
+        for key, value in d_state.items():
+            assert torch.equal(opt.state[layer.d][key], value), key
+
+
+def _dense_carry(v_v, v_d, change, shift, groups):
+    """diag(M diag([v_V[o], v_d[o]]) M^T), M = [A | a], per output row and tap, in float64."""
+    rows = _per_row(v_v.double(), groups)  # (G, O / G, k, taps)
+    taps = rows.shape[-1]
+    k = change.shape[-1]
+    if v_d is None:
+        m, v = change, rows.movedim(2, -1)  # (G, k, k); (G, O / G, taps, k)
+    else:
+        m = torch.cat([change, shift.view(groups, k, 1)], dim=2)  # (G, k, k + 1)
+        by_row = v_d.double().view(groups, -1, 1, 1).expand(-1, -1, taps, 1)
+        v = torch.cat([rows.movedim(2, -1), by_row], dim=-1)  # (G, O / G, taps, k + 1)
+    m = m[:, None, None]  # broadcast over rows and taps
+    full = (m * v.unsqueeze(-2)) @ m.mT  # M diag(v) M^T
+    return full.diagonal(dim1=-2, dim2=-1).movedim(-1, 2).reshape(v_v.shape)
+
+
+def _capture_projections(monkeypatch, runs: list):
+    """Makes every Prong record, at each layer's projection, what the carry starts from: the new
+    {V, d, U, c}, the old c, the old U^-1 the transform uses and V's and d's Adam state."""
+
+    def capture(layer, mean, u, u_inv):
+        new, old = _reparam.project(layer, mean, u, u_inv)
+        prong, opt = runs[-1]["prong"], runs[-1]["opt"]
+        side = next(s for s in prong._sides if s.module is layer)
+        state_d = {} if layer.d is None else opt.state[layer.d]
+        runs[-1]["captured"].append(
+            {
+                "layer": layer,
+                "new": new,
+                "c_old": old[1],
+                "u_inv_old": side.inverse(old[0]),
+                "v": {k: opt.state[layer.V][k].clone() for k in SECOND},
+                "d": {k: v.clone() for k, v in state_d.items()},
+            }
+        )
+        return new, old
+
+    monkeypatch.setattr(Prong, "_project", staticmethod(capture))
+
+
+@pytest.mark.parametrize("rescale", [False, True], ids=["plain", "rescale"])
+@pytest.mark.parametrize("name", ["mlp", "mlp_nobias", "cnn", "grouped_cnn"])
+def test_diagonal_is_the_diagonal_of_the_transformed_second_moment_matrix(name, rescale, monkeypatch):
+    build, shape = MODELS[name]
+    torch.manual_seed(0)
+    model = whiten(build())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, amsgrad=True)
+    runs = [{"captured": [], "opt": opt}]
+    _capture_projections(monkeypatch, runs)
+    prong = Prong(model, opt, interval=3, num_samples=32, second_moment="diagonal", rescale=rescale)
+    runs[-1]["prong"] = prong
+    checked = 0
+    for t in range(7):
+        _update(model, opt, data(shape, n=32, seed=t))
+        if not prong.step():
+            continue
+        for entry in runs[-1]["captured"]:
+            layer, new = entry["layer"], entry["new"]
+            u_new, u_inv_old = _blocks(new["U"]), _blocks(entry["u_inv_old"])
+            groups, k = u_new.shape[0], u_new.shape[-1]
+            change = u_new @ u_inv_old
+            shift = None
+            if entry["c_old"] is not None:
+                shift = (u_new @ (entry["c_old"] - new["c"]).view(groups, k, 1)).flatten()
+            v_d = entry["d"].get
+            # A is computed from the same float64 factors on both sides, each entry within
+            # delta = gamma_k (|U'| |U^-1|) of exact; the sums of non-negative terms within
+            # gamma_(k+4) in float64; the carry rounded once to float32
+            delta = gamma(k, torch.float64) * (u_new.abs() @ u_inv_old.abs())
+            slack = (2 * change.abs() + delta) * delta
+            for key in SECOND:
+                v_v = entry["v"][key]
+                want = _dense_carry(v_v, v_d(key), change, shift, groups)
+                from_a = _dense_carry(v_v, None, slack.sqrt(), None, groups)
+                bound = (unit_roundoff(torch.float32) + 2 * gamma(k + 4, torch.float64)) * want + 2 * from_a
+                assert_within(opt.state[layer.V][key], want, bound, f"update {t}, {key}")
+            state = opt.state[layer.V]
+            assert (state["max_exp_avg_sq"] >= state["exp_avg_sq"]).all()
+            for key, value in entry["d"].items():  # v_d' = v_d, and m_d' = m_d
+                assert torch.equal(opt.state[layer.d][key], value), key
+            checked += 1
+        runs[-1]["captured"].clear()
+    assert checked == 3 * len(prong.layers)
+
+
+@pytest.mark.parametrize("policy", ["keep", "reset", "diagonal"])
+def test_a_rescaling_scales_the_second_moments_by_the_squared_change_under_every_policy(policy, monkeypatch):
+    build, shape = MODELS["cnn"]
+    torch.manual_seed(0)
+    model = whiten(build())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, amsgrad=True)
+    prong = Prong(model, opt, interval=4, num_samples=32, second_moment=policy, rescale=True)
+    real = _reparam.scale_moments
+    scaled = []
+
+    def spy(optimizer, layer, factor):
+        state = optimizer.state[layer.V]
+        before = {k: state[k].double() for k in SECOND}
+        v_before = layer.V.detach().double() * factor  # V was just divided by factor
+        real(optimizer, layer, factor)
+        for key in SECOND:
+            # the factor and its square in float64, the product in float32: 2 roundings
+            want = before[key] * factor.square()
+            assert_within(state[key], want, 2 * unit_roundoff(torch.float32) * want, key)
+        scaled.append((layer, v_before))
+
+    monkeypatch.setattr(_reparam, "scale_moments", spy)
+    for t in range(7):
+        _update(model, opt, data(shape, n=32, seed=t % 3))
+        v_old = {layer: layer.V.detach().double().clone() for layer in prong.layers.values()}
+        scaled.clear()
+        done = prong.step()
+        assert len(scaled) == (0 if done else len(prong.layers))
+        for layer, v_before in scaled:  # the factor is V's change: V / factor, rounded once
+            assert_within(v_before, v_old[layer], 2 * unit_roundoff(torch.float32) * v_old[layer].abs(), "V")
