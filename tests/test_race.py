@@ -131,3 +131,11 @@ def test_reach_and_standing():
     assert math.isnan(st.to_target(0)[0]) and race.reach_cells(st, 0) == ["never", "never"]
     diverged = race.RunResult("sgd", 1.0, records=r.records[:2], diverged=True)
     assert race.loss_at(diverged, 4) == math.inf  # ranks last in the grid, never reaches a target
+
+
+def test_a_best_rate_at_the_grid_edge_is_named():
+    rows = [{"method": m, "lr": lr} for m in ("sgd", "adam", "bn") for lr in (0.1, 0.3, 1.0)]
+    edge = race.at_edge(
+        rows + [{"method": "one", "lr": 1.0}], {"sgd": 1.0, "adam": 0.3, "bn": 0.1, "one": 1.0}
+    )
+    assert edge == {"sgd": "largest", "bn": "smallest"}

@@ -235,6 +235,17 @@ def settings(args, task: Task, sizes, n: int, factors, seeds, horizons) -> str:
     )
 
 
+def at_edge(grid_rows: list[dict], best: dict[str, float]) -> dict[str, str]:
+    """The methods whose best rate is the largest or the smallest of their grid (of more than one
+    rate): their optimum may lie beyond it. Method -> 'largest' or 'smallest'."""
+    edge = {}
+    for m, lr in best.items():
+        lrs = [r["lr"] for r in grid_rows if r["method"] == m]
+        if len(lrs) > 1 and lr in (min(lrs), max(lrs)):
+            edge[m] = "largest" if lr == max(lrs) else "smallest"
+    return edge
+
+
 def body(standings, goals: dict, grid_rows: list[dict], table: Table, n_eval: int) -> list:
     """summary.md below the settings."""
     lines = [
@@ -245,6 +256,10 @@ def body(standings, goals: dict, grid_rows: list[dict], table: Table, n_eval: in
         "",
     ]
     lines += [f"- target {h}: {target:.4g} ({m} at update {h})" for h, (m, target) in goals.items()]
+    edge = at_edge(grid_rows, {st.method: st.lr for st in standings})
+    if edge:
+        named = ", ".join(f"{m} ({side})" for m, side in edge.items())
+        lines.append(f"- best rate at the grid's edge, the optimum may lie beyond it: {named}")
     lines += ["", table, ""]
     grid_table = Table(*_records_table(grid_rows), printed=False)
     lines += ["Learning-rate grid:", "", grid_table, "", report.images(*(f for f, _ in PLOTS)), ""]
