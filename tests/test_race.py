@@ -83,14 +83,17 @@ def test_targets_are_the_best_baseline_at_each_horizon():
 def test_targets_are_fixed_before_the_seeded_runs_and_the_summary_has_its_columns(tmp_path, monkeypatch):
     calls = []
     real_race, real_targets = race.race, race.targets
-    monkeypatch.setattr(
-        race, "race", lambda task, plan, desc: calls.append(desc) or real_race(task, plan, desc)
-    )
-    monkeypatch.setattr(race, "targets", lambda *a: calls.append("targets") or real_targets(*a))
     out = tmp_path / "race"
+
+    def spy(task, plan, desc):
+        calls.append(desc if desc != "race" else f"race, grid.csv written: {(out / 'grid.csv').exists()}")
+        return real_race(task, plan, desc)
+
+    monkeypatch.setattr(race, "race", spy)
+    monkeypatch.setattr(race, "targets", lambda *a: calls.append("targets") or real_targets(*a))
     argv = ["race", "--out", str(out), "--methods", "sgd,prong-adam", "--seeds", "0,1", "--grid", "1,3"]
     assert cli.main(argv + TINY + FAST + ["--eval-samples", "32"]) == 0
-    assert calls == ["grid sgd", "grid prong-adam", "targets", "race"]
+    assert calls == ["grid sgd", "grid prong-adam", "targets", "race, grid.csv written: True"]
     with open(out / "summary.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["method"] for r in rows] == ["sgd", "prong-adam"]

@@ -277,11 +277,11 @@ def run(args: argparse.Namespace, out) -> dict:
     task = autoencoder.make_task(args, x, sizes, every, with_loss=True)
     best, grid_runs, grid_rows = grid(task, autoencoder.learning_rates(args, x.shape[1]), factors)
     goals = targets(grid_runs, horizons)  # fixed here, before any seeded run
+    report.write_csv(out / "grid.csv", grid_rows)  # written now: the seeded race may run long
     results = race(task, [(m, best[m], seed) for m in best for seed in seeds], "race")
     standings = [
         Standing(m, best[m], results[i * len(seeds) : (i + 1) * len(seeds)]) for i, m in enumerate(best)
     ]
-    report.write_csv(out / "grid.csv", grid_rows)
     report.write_csv(
         out / "curves.csv",
         [row for st in standings for k, r in zip(seeds, st.runs) for row in report.curve_rows([r], seed=k)],
