@@ -17,21 +17,57 @@ import torch
 import triton
 import triton.language as tl
 
+from .precision import check_precision
+
 __all__ = [
     "DEFAULT_BLOCK_C",
     "DEFAULT_BLOCK_R",
+    "TF32X3_BLOCK_C",
+    "TF32X3_BLOCK_R",
+    "TF32X3_WIDE_WARPS",
+    "block_sizes",
     "cov_accum_kernel",
     "cov_accumulate",
     "cov_accumulate_launch",
+    "num_warps",
 ]
 
 _X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Tiles for the default 4 warps: a float32 FMA dot of 32 x 32 x 32 stays near 170 registers with no
 # spills on sm_80 and sm_90 (64-wide tiles spill), and 32 rows of float32 are one 128-byte line of a
-# contiguous NCHW channel. No num_warps launch option: wrap_triton under Inductor would drop it.
+# contiguous NCHW channel. No num_warps launch option for them: the default launch stays the plain
+# one under torch.compile too.
 DEFAULT_BLOCK_R = 32
 DEFAULT_BLOCK_C = 32
+# Tiles of precision="tf32x3" (tensor cores): 64 x 64 tiles of s2 read each row of x half as often
+# as 32 x 32 ones; each dot reduces 16 rows from zero, added to the tile with round-to-nearest
+# (precision.py). With 8 warps no spills on sm_80 or sm_90 under Triton 3.6 and 3.8, int64 row
+# indices included (with 4 warps they reach 255 registers and spill); 32 rows per dot spill with 4
+# warps, 128-wide tiles with 8. Under torch.compile, wrap_triton turns the num_warps launch option
+# into a one-config autotune (torch 2.13); were it dropped, the kernel would run with 4 warps: the
+# same sums, with spills.
+TF32X3_BLOCK_R = 16
+TF32X3_BLOCK_C = 64
+TF32X3_WIDE_WARPS = 8
+
+
+def block_sizes(C: int, precision: str = "ieee") -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_C) of the launcher for C features: the tiles of `precision`, the column
+    tile no wider than C needs (down to 16, tl.dot's smallest)."""
+    if precision == "tf32x3":
+        block_r, block_c = TF32X3_BLOCK_R, TF32X3_BLOCK_C
+    else:
+        block_r, block_c = DEFAULT_BLOCK_R, DEFAULT_BLOCK_C
+    while block_c > 16 and C <= block_c // 2:
+        block_c //= 2
+    return block_r, block_c
+
+
+def num_warps(block_c: int, precision: str = "ieee") -> int | None:
+    """The num_warps launch option of a tile BLOCK_C wide: 8 for precision="tf32x3" tiles of 64 or
+    more, None (Triton's default, 4) otherwise."""
+    return TF32X3_WIDE_WARPS if precision == "tf32x3" and block_c >= TF32X3_BLOCK_C else None
 
 
 @triton.jit
@@ -55,7 +91,7 @@ def cov_accum_kernel(
     rows_per_split,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
-    ALLOW_TF32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     USE_ATOMICS: tl.constexpr,
     ROWS_I64: tl.constexpr,
 ):
@@ -75,6 +111,9 @@ def cov_accum_kernel(
     (ti, tj), axis 1 the contiguous row ranges [split * rows_per_split, ...). With one split the
     update is a plain read-modify-write (deterministic, s2 exactly symmetric); with several the
     partial sums are added with relaxed atomics.
+
+    INPUT_PRECISION is tl.dot's: "ieee" (FMA products), "tf32x3" or "tf32" (tensor cores;
+    precision.py). The products are of the float32 values y, whatever x's dtype.
     """
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -116,10 +155,8 @@ def cov_accum_kernel(
         m_j = mask_r[:, None] & mask_j[None, :]
         y_j = tl.load(x_ptr + row_off[:, None] + offs_j[None, :] * stride_xc, mask=m_j, other=0.0)
         y_j = tl.where(m_j, y_j.to(tl.float32) - shift_j[None, :], 0.0)
-        if ALLOW_TF32:
-            acc = tl.dot(y_it, y_j, acc, input_precision="tf32")
-        else:
-            acc = tl.dot(y_it, y_j, acc, input_precision="ieee")
+        # "tf32x3" sums its three TF32 products from zero and adds them to acc in float32
+        acc = tl.dot(y_it, y_j, acc, input_precision=INPUT_PRECISION)
         acc_s1 += tl.sum(y_it, axis=1)
 
     diag = ti == tj
@@ -207,6 +244,7 @@ def cov_accumulate_launch(
     s2: torch.Tensor,
     *,
     allow_tf32: bool = False,
+    precision: str = "ieee",
     block_r: int | None = None,
     block_c: int | None = None,
     num_splits: int | None = None,
@@ -221,17 +259,24 @@ def cov_accumulate_launch(
     read-modify-write, under `torch.use_deterministic_algorithms(True)`, so that the sums are
     bitwise reproducible (at the price of fewer programs: T (T + 1) / 2 for T column tiles).
 
+    precision ("ieee" or "tf32x3", precision.py) picks the products, the default tiles
+    (`block_sizes`) and the warps (`num_warps`, in kwargs when not Triton's default). allow_tf32
+    (single TF32 products, about 3 significant digits, no accuracy contract) keeps the tiles of
+    precision="ieee" and cannot be combined with "tf32x3".
+
     block_r, block_c, num_splits and rows_i64 (int64 row indices, the path of inputs past 2^31
     rows) override the heuristics; tests use them to reach every path with small inputs.
     """
+    check_precision(precision)
+    if allow_tf32 and precision != "ieee":
+        raise ValueError(f"allow_tf32=True asks for single TF32 products; it cannot go with {precision=}")
     C = _check(x, shift, s1, s2)
     M, (_, R1, R2), (sr0, sr1, sr2), stride_c = _row_layout(x)
     if M == 0 or C == 0:
         return None
-    if block_c is None:
-        block_c = DEFAULT_BLOCK_C if C > 16 else 16
-    if block_r is None:
-        block_r = DEFAULT_BLOCK_R
+    default_r, default_c = block_sizes(C, precision)
+    block_r = default_r if block_r is None else block_r
+    block_c = default_c if block_c is None else block_c
     n_col = triton.cdiv(C, block_c)
     n_tiles = n_col * (n_col + 1) // 2
     row_blocks = triton.cdiv(M, block_r)
@@ -266,10 +311,13 @@ def cov_accumulate_launch(
         rows_per_split=rows_per_split,
         BLOCK_R=block_r,
         BLOCK_C=block_c,
-        ALLOW_TF32=bool(allow_tf32),
+        INPUT_PRECISION="tf32" if allow_tf32 else precision,
         USE_ATOMICS=num_splits > 1,
         ROWS_I64=bool(rows_i64),
     )
+    warps = num_warps(block_c, precision)
+    if warps is not None:
+        kwargs["num_warps"] = warps
     return (n_tiles, num_splits), kwargs
 
 
@@ -280,6 +328,7 @@ def cov_accumulate(
     s2: torch.Tensor,
     *,
     allow_tf32: bool = False,
+    precision: str = "ieee",
 ) -> None:
     """Adds the shifted moments of x's rows to s1 and s2, in place, in one kernel launch.
 
@@ -296,9 +345,16 @@ def cov_accumulate(
         shift: (C,) float32, e.g. the first row of the first batch; keeps the sums centered.
         s1: (C,) float32, updated in place.
         s2: (C, C) float32, symmetric, updated in place.
-        allow_tf32: use TF32 tensor cores for the products (float32 accumulation either way).
+        allow_tf32: single TF32 products on the tensor cores (float32 accumulation either way),
+            about 3 significant digits: no accuracy contract. Only with precision="ieee".
+        precision: "ieee" (default: float32 FMA products) or "tf32x3": the products of the
+            float32 y = x - shift on the tensor cores, their error against float64 at most twice
+            that of torch's float32 matmul with TF32 off (precision.py).
+
+    Raises:
+        ValueError: precision is not one of precision.PRECISIONS, or comes with allow_tf32.
     """
-    launch = cov_accumulate_launch(x, shift, s1, s2, allow_tf32=allow_tf32)
+    launch = cov_accumulate_launch(x, shift, s1, s2, allow_tf32=allow_tf32, precision=precision)
     if launch is not None:
         grid, kwargs = launch
         cov_accum_kernel[grid](**kwargs)

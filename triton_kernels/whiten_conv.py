@@ -10,7 +10,8 @@ A linear layer is the one-tap case: V (O, I).
 
 Kernels `fold_kernel` and `fold_bwd_kernel`; their launches (`fold_weights_launch`,
 `fold_weights_backward_launch`: grid and keyword arguments, for `wrap_triton`) and the launchers
-that run them (`fold_weights`, `fold_weights_backward`).
+that run them (`fold_weights`, `fold_weights_backward`). Every launch takes `precision`, "ieee"
+(default) or "tf32x3" (tensor cores, precision.py).
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .precision import check_precision
+
 __all__ = [
     "accumulates_in_f64",
     "block_sizes",
+    "dot_mode",
     "fold_bwd_kernel",
     "fold_kernel",
     "fold_weights",
@@ -40,6 +44,22 @@ def _row_tile(pid, n_col_tiles, O, I, T, BLOCK_R: tl.constexpr, BLOCK_C: tl.cons
     rows = (pid // n_col_tiles).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = ((pid % n_col_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     return rows, cols, rows < O * T, cols < I, rows // T, rows % T
+
+
+@triton.jit
+def _row_tile_i32(pid, n_col_tiles, O, I, T, KW, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """`_row_tile` for O * T + BLOCK_R < 2^31, its row index split into (o, t) and t into
+    (t // KW, t % KW) by 32-bit divisions (a 64-bit division is a subroutine call, whose registers
+    spill the tensor-core tiles): rows, cols, their masks, o (int64), t (int32) and the tap's
+    (kh, kw) indices (int64)."""
+    rows32 = (pid // n_col_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
+    taps = tl.cast(T, tl.int32)  # T < 2^31 here, even where it is passed as an i64
+    width = tl.cast(KW, tl.int32)
+    rows = rows32.to(tl.int64)
+    cols = ((pid % n_col_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    t = rows32 % taps
+    kh_kw = ((t // width).to(tl.int64), (t % width).to(tl.int64))
+    return rows, cols, rows < O * T, cols < I, (rows32 // taps).to(tl.int64), t, kh_kw
 
 
 @triton.jit
@@ -66,6 +86,9 @@ def fold_kernel(
     n_w_programs,
     HAS_D: tl.constexpr,
     ACC_F64: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    HALF_DOT: tl.constexpr,
+    ROWS_I32: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_I: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -81,6 +104,11 @@ def fold_kernel(
     reduced over j in BLOCK_K steps. The programs after them compute b for BLOCK_O channels each,
     through u = U c (the second form: it needs no W from other programs). Accumulation is float32,
     float64 when ACC_F64. W is contiguous (O, I, kh, kw) with t = kh * KW + kw; b is contiguous (O,).
+
+    W's products: V and U in acc_ty through tl.dot's INPUT_PRECISION ("ieee" or "tf32x3"), or, when
+    HALF_DOT, V and U as loaded (both float16 or both bfloat16: exact products, float32 sums).
+    b's are FMA products in acc_ty in every mode. ROWS_I32: the row index split in 32 bits
+    (`_row_tile_i32`, the tf32x3 launches); otherwise in 64.
     """
     pid = tl.program_id(0)
     if ACC_F64:
@@ -88,8 +116,18 @@ def fold_kernel(
     else:
         acc_ty = tl.float32
     if pid < n_w_programs:
-        rows, cols, mask_r, mask_c, o, t = _row_tile(pid, n_col_tiles, O, I, T, BLOCK_R, BLOCK_I)
-        v_row = o * stride_vo + (t // KW) * stride_vkh + (t % KW) * stride_vkw
+        if ROWS_I32:
+            rows, cols, mask_r, mask_c, o, t, kh_kw = _row_tile_i32(
+                pid, n_col_tiles, O, I, T, KW, BLOCK_R, BLOCK_I
+            )
+            v_row = o * stride_vo + kh_kw[0] * stride_vkh + kh_kw[1] * stride_vkw
+        else:
+            rows, cols, mask_r, mask_c, o, t = _row_tile(pid, n_col_tiles, O, I, T, BLOCK_R, BLOCK_I)
+            v_row = o * stride_vo + (t // KW) * stride_vkh + (t % KW) * stride_vkw
+        if HALF_DOT:  # V and U multiplied in their own 16-bit dtype
+            dot_ty = v_ptr.dtype.element_ty
+        else:
+            dot_ty = acc_ty
         acc = tl.zeros((BLOCK_R, BLOCK_I), dtype=acc_ty)
         for k0 in range(0, I, BLOCK_K):
             ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
@@ -98,14 +136,17 @@ def fold_kernel(
                 v_ptr + v_row[:, None] + ks[None, :] * stride_vi,
                 mask=mask_r[:, None] & mask_k[None, :],
                 other=0.0,
-            ).to(acc_ty)
+            ).to(dot_ty)
             u = tl.load(
                 u_ptr + ks[:, None] * stride_u0 + cols[None, :] * stride_u1,
                 mask=mask_k[:, None] & mask_c[None, :],
                 other=0.0,
-            ).to(acc_ty)
-            # out_dtype explicit: Triton 3.6 defaults it to float32 and rejects a float64 acc
-            acc = tl.dot(a, u, acc, input_precision="ieee", out_dtype=acc_ty)
+            ).to(dot_ty)
+            if HALF_DOT:
+                acc = tl.dot(a, u, acc, out_dtype=tl.float32)
+            else:
+                # out_dtype explicit: Triton 3.6 defaults it to float32 and rejects a float64 acc
+                acc = tl.dot(a, u, acc, input_precision=INPUT_PRECISION, out_dtype=acc_ty)
         w_off = o[:, None] * I * T + cols[None, :] * T + t[:, None]
         tl.store(
             w_ptr + w_off,
@@ -171,6 +212,8 @@ def fold_bwd_kernel(
     stride_c,
     n_col_tiles,
     ACC_F64: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    ROWS_I32: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -182,15 +225,23 @@ def fold_bwd_kernel(
     The GEMM (O * T, I) x (I, I) with rows (o, t): tile (pid // n_col_tiles, pid % n_col_tiles) of
     BLOCK_R rows and BLOCK_J columns j, reduced over i in BLOCK_K steps with the centering
     gW - gb c^T formed in registers. The column-0 programs also copy gb to gd (rows with t = 0).
-    gV is contiguous (O, I, kh, kw), gd contiguous (O,).
+    gV is contiguous (O, I, kh, kw), gd contiguous (O,). The products are tl.dot's of acc_ty
+    operands with INPUT_PRECISION ("ieee" or "tf32x3"; the centred operand is float32 for every
+    input dtype). ROWS_I32 as in `fold_kernel`.
     """
     pid = tl.program_id(0)
     if ACC_F64:
         acc_ty = tl.float64
     else:
         acc_ty = tl.float32
-    rows, cols, mask_r, mask_c, o, t = _row_tile(pid, n_col_tiles, O, I, T, BLOCK_R, BLOCK_J)
-    gw_row = o * stride_gwo + (t // KW) * stride_gwkh + (t % KW) * stride_gwkw
+    if ROWS_I32:
+        rows, cols, mask_r, mask_c, o, t, kh_kw = _row_tile_i32(
+            pid, n_col_tiles, O, I, T, KW, BLOCK_R, BLOCK_J
+        )
+        gw_row = o * stride_gwo + kh_kw[0] * stride_gwkh + kh_kw[1] * stride_gwkw
+    else:
+        rows, cols, mask_r, mask_c, o, t = _row_tile(pid, n_col_tiles, O, I, T, BLOCK_R, BLOCK_J)
+        gw_row = o * stride_gwo + (t // KW) * stride_gwkh + (t % KW) * stride_gwkw
     gb = tl.load(gb_ptr + o * stride_gb, mask=mask_r, other=0.0)
     gb_acc = gb.to(acc_ty)
     acc = tl.zeros((BLOCK_R, BLOCK_J), dtype=acc_ty)
@@ -210,20 +261,44 @@ def fold_bwd_kernel(
             mask=mask_k[:, None] & mask_c[None, :],
             other=0.0,
         ).to(acc_ty)
-        acc = tl.dot(a, ut, acc, input_precision="ieee", out_dtype=acc_ty)  # see fold_kernel
+        acc = tl.dot(a, ut, acc, input_precision=INPUT_PRECISION, out_dtype=acc_ty)  # see fold_kernel
     gv_off = o[:, None] * I * T + cols[None, :] * T + t[:, None]
     tl.store(gv_ptr + gv_off, acc.to(gv_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_c[None, :])
     first_col = pid % n_col_tiles == 0
     tl.store(gd_ptr + o, gb.to(gd_ptr.dtype.element_ty), mask=mask_r & (t == 0) & first_col)
 
 
-def block_sizes(f64: bool) -> tuple[int, int, int, int]:
+# True when the kernels were defined under TRITON_INTERPRET=1 (they then run on CPU tensors)
+_INTERPRETED = not isinstance(fold_kernel, triton.runtime.jit.JITFunction)
+
+
+def block_sizes(f64: bool, precision: str = "ieee") -> tuple[int, int, int, int]:
     """(BLOCK_R, BLOCK_I (BLOCK_J), BLOCK_K, BLOCK_O) for the default 4 warps.
 
     No register spills on sm_80 or sm_90 (64 x 64 x 32 float32 FMA tiles spill). No num_warps launch
-    option: wrap_triton under Inductor would drop it.
+    option: the launch stays the plain one under torch.compile. precision="tf32x3" (tensor cores)
+    takes 64 x 32 tiles with 32-bit row splits (ROWS_I32): 64 rows give sm_90 its wgmma (one
+    warpgroup, m64), and of the 64 x 64, 64 x 32 and 32 x 64 tiles with 4 or 8 warps it is the one
+    that spills under neither Triton 3.6 nor 3.8 (compile_check). Each tf32x3 dot reduces 16 input
+    features from zero (precision.py).
     """
-    return (32, 32, 16, 32) if f64 else (32, 64, 16, 32)
+    if f64:
+        return (32, 32, 16, 32)
+    return (64, 32, 16, 32) if precision == "tf32x3" else (32, 64, 16, 32)
+
+
+def dot_mode(precision: str, f64: bool, weight_dtype: torch.dtype, u_dtype: torch.dtype) -> tuple[str, bool]:
+    """(INPUT_PRECISION, HALF_DOT) of a fold launch: "ieee" for precision="ieee" or float64
+    accumulation (f64); otherwise "tf32x3", with HALF_DOT when the weight-shaped input and U are
+    both float16 or both bfloat16, so that their products are exact in float32.
+
+    Under Triton's interpreter bfloat16 operands are not multiplied as they are: its dot takes
+    them for their raw bits (Triton 3.6 and 3.8), so there they go through float32 like the rest."""
+    check_precision(precision)
+    if precision == "ieee" or f64:
+        return "ieee", False
+    half = (torch.float16,) if _INTERPRETED else (torch.float16, torch.bfloat16)
+    return "tf32x3", weight_dtype in half and u_dtype == weight_dtype
 
 
 def _taps(t: torch.Tensor, name: str) -> tuple[int, int, int, int, tuple[int, int, int, int]]:
@@ -271,6 +346,15 @@ def _shape_args(
     return args
 
 
+def _rows_i32(input_precision: str, O: int, T: int, block_r: int, rows_i64: bool | None) -> bool:
+    """ROWS_I32 of a fold launch: the tf32x3 launches split their row indices in 32 bits unless
+    the last row tile can reach 2^31 (or rows_i64 asks for int64); the ieee launches keep the
+    int64 row indices their tiles were sized with."""
+    if input_precision != "tf32x3":
+        return False
+    return not (O * T + block_r >= 2**31 if rows_i64 is None else rows_i64)
+
+
 def accumulates_in_f64(*ts: torch.Tensor | None) -> bool:
     """Whether the fold kernels accumulate in float64: when any of their inputs is float64."""
     return any(t is not None and t.dtype == torch.float64 for t in ts)
@@ -283,17 +367,24 @@ def fold_weights_launch(
     c: torch.Tensor,
     W: torch.Tensor,
     b: torch.Tensor,
+    *,
+    precision: str = "ieee",
+    rows_i64: bool | None = None,
 ) -> tuple[tuple[int], dict] | None:
     """The launch of `fold_weights` writing into W (V's shape, contiguous) and b ((O,), contiguous).
 
-    Returns (grid, kernel keyword arguments), or None when there is nothing to compute.
+    Returns (grid, kernel keyword arguments), or None when there is nothing to compute. rows_i64
+    (int64 row indices for precision="tf32x3": the path of weights past 2^31 (o, tap) rows)
+    overrides the heuristic; tests use it to reach that path with small weights.
     """
+    check_precision(precision)
     shape = _shape_args(V, "V", "v", U, c, d, "d")
     O, I, T = shape["O"], shape["I"], shape["T"]
     if O == 0:
         return None
     f64 = accumulates_in_f64(V, U, c, d)
-    block_r, block_i, block_k, block_o = block_sizes(f64)
+    input_precision, half_dot = dot_mode(precision, f64, V.dtype, U.dtype)
+    block_r, block_i, block_k, block_o = block_sizes(f64, input_precision)
     n_col = triton.cdiv(I, block_i)
     n_w = triton.cdiv(O * T, block_r) * n_col if I > 0 else 0
     n_b = triton.cdiv(O, block_o)
@@ -309,6 +400,9 @@ def fold_weights_launch(
         n_w_programs=n_w,
         HAS_D=d is not None,
         ACC_F64=f64,
+        INPUT_PRECISION=input_precision,
+        HALF_DOT=half_dot,
+        ROWS_I32=_rows_i32(input_precision, O, T, block_r, rows_i64),
         BLOCK_R=block_r,
         BLOCK_I=block_i,
         BLOCK_K=block_k,
@@ -319,7 +413,7 @@ def fold_weights_launch(
 
 
 def fold_weights(
-    V: torch.Tensor, d: torch.Tensor | None, U: torch.Tensor, c: torch.Tensor
+    V: torch.Tensor, d: torch.Tensor | None, U: torch.Tensor, c: torch.Tensor, *, precision: str = "ieee"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Canonical weights of a whitened layer, W = V U per tap and b = d - W c, in one launch.
 
@@ -333,13 +427,17 @@ def fold_weights(
         d: (O,) or None (zeros).
         U: (I, I), any float dtype and strides.
         c: (I,), any float dtype and strides.
+        precision: W's products: "ieee" (default, float32 FMA) or "tf32x3" (tensor cores: V and U
+            in one 16-bit dtype multiplied as they are, other pairs through tf32x3), W's error
+            against float64 at most twice that of torch's V @ U at V's precision (precision.py).
+            float64 inputs take float64 products in both modes; b takes FMA products in both.
 
     Returns:
         W: V's shape, contiguous, V's dtype. b: (O,), V's dtype.
     """
     W = torch.empty(V.shape, dtype=V.dtype, device=V.device)
     b = torch.empty(V.shape[0], dtype=V.dtype, device=V.device)
-    launch = fold_weights_launch(V, d, U, c, W, b)
+    launch = fold_weights_launch(V, d, U, c, W, b, precision=precision)
     if launch is not None:
         grid, kwargs = launch
         fold_kernel[grid](**kwargs)
@@ -353,14 +451,22 @@ def fold_weights_backward_launch(
     c: torch.Tensor,
     gV: torch.Tensor,
     gd: torch.Tensor,
+    *,
+    precision: str = "ieee",
+    rows_i64: bool | None = None,
 ) -> tuple[tuple[int], dict] | None:
-    """The launch of `fold_weights_backward` writing into gV (gW's shape, contiguous) and gd ((O,))."""
+    """The launch of `fold_weights_backward` writing into gV (gW's shape, contiguous) and gd ((O,)).
+
+    precision "tf32x3" takes tf32x3 products for every input dtype but float64: the operand
+    gW - gb c^T is float32. rows_i64 as in `fold_weights_launch`."""
+    check_precision(precision)
     shape = _shape_args(gW, "gW", "gw", U, c, gb, "gb")
     O, I, T = shape["O"], shape["I"], shape["T"]
     if O == 0 or I == 0:
         return None
     f64 = accumulates_in_f64(gW, gb, U, c)
-    block_r, block_j, block_k, _ = block_sizes(f64)
+    input_precision, _ = dot_mode(precision, f64, gW.dtype, U.dtype)
+    block_r, block_j, block_k, _ = block_sizes(f64, input_precision)
     n_row = triton.cdiv(O * T, block_r)
     n_col = triton.cdiv(I, block_j)
     kwargs = dict(
@@ -373,6 +479,8 @@ def fold_weights_backward_launch(
         stride_gb=gb.stride(0),
         n_col_tiles=n_col,
         ACC_F64=f64,
+        INPUT_PRECISION=input_precision,
+        ROWS_I32=_rows_i32(input_precision, O, T, block_r, rows_i64),
         BLOCK_R=block_r,
         BLOCK_J=block_j,
         BLOCK_K=block_k,
@@ -382,7 +490,7 @@ def fold_weights_backward_launch(
 
 
 def fold_weights_backward(
-    gW: torch.Tensor, gb: torch.Tensor, U: torch.Tensor, c: torch.Tensor
+    gW: torch.Tensor, gb: torch.Tensor, U: torch.Tensor, c: torch.Tensor, *, precision: str = "ieee"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of `fold_weights` with respect to V and d, in one launch.
 
@@ -391,13 +499,15 @@ def fold_weights_backward(
     Args:
         gW: (O, I) or (O, I, kh, kw), any strides. gb: (O,).
         U: (I, I). c: (I,).
+        precision: "ieee" (default) or "tf32x3" (tensor cores: tf32x3 products of the float32
+            gW - gb c^T and U), as in `fold_weights`.
 
     Returns:
         gV: gW's shape, contiguous, gW's dtype. gd: (O,), a copy of gb in gb's dtype.
     """
     gV = torch.empty(gW.shape, dtype=gW.dtype, device=gW.device)
     gd = torch.empty(gb.shape, dtype=gb.dtype, device=gb.device)
-    launch = fold_weights_backward_launch(gW, gb, U, c, gV, gd)
+    launch = fold_weights_backward_launch(gW, gb, U, c, gV, gd, precision=precision)
     if launch is not None:
         grid, kwargs = launch
         fold_bwd_kernel[grid](**kwargs)
