@@ -1,9 +1,16 @@
 """The Triton kernels of prong_ext as torch.library ops, with fakes and autograd.
 
     prong_ext::cov_accumulate(Tensor x, Tensor shift, Tensor(a!) s1, Tensor(b!) s2,
-                              bool allow_tf32=False) -> ()
-    prong_ext::fold(Tensor V, Tensor? d, Tensor U, Tensor c) -> (Tensor, Tensor)
-    prong_ext::fold_backward(Tensor gW, Tensor gb, Tensor U, Tensor c) -> (Tensor, Tensor)
+                              bool allow_tf32=False, str precision="ieee") -> ()
+    prong_ext::fold(Tensor V, Tensor? d, Tensor U, Tensor c, str precision="ieee") -> (Tensor, Tensor)
+    prong_ext::fold_backward(Tensor gW, Tensor gb, Tensor U, Tensor c, str precision="ieee")
+        -> (Tensor, Tensor)
+
+precision is the kernels' products: "ieee" (float32 FMA, the default) or "tf32x3" (tensor cores,
+within twice the error of torch at the inputs' precision: triton_kernels/precision.py). It is an
+argument of the ops, so a torch.compile graph records the mode it was traced with. The fold's
+backward (and the double backward) takes the forward's precision. The torch path for tensors off
+the GPU ignores it.
 
 With compiled Triton (the normal case) the ops are `torch.library.triton_op`s: CUDA tensors launch
 the kernels through `wrap_triton`, so torch.compile sees the kernels themselves; tensors on other
@@ -42,9 +49,12 @@ __all__ = ["cov_accumulate", "fold", "fold_backward", "INTERPRETED"]
 #: True when the kernels were defined under TRITON_INTERPRET=1 (they then run on CPU tensors).
 INTERPRETED = not isinstance(fold_kernel, JITFunction)
 
-_COV_SCHEMA = "(Tensor x, Tensor shift, Tensor(a!) s1, Tensor(b!) s2, bool allow_tf32=False) -> ()"
-_FOLD_SCHEMA = "(Tensor V, Tensor? d, Tensor U, Tensor c) -> (Tensor, Tensor)"
-_FOLD_BWD_SCHEMA = "(Tensor gW, Tensor gb, Tensor U, Tensor c) -> (Tensor, Tensor)"
+_COV_SCHEMA = (
+    "(Tensor x, Tensor shift, Tensor(a!) s1, Tensor(b!) s2, bool allow_tf32=False, "
+    'str precision="ieee") -> ()'
+)
+_FOLD_SCHEMA = '(Tensor V, Tensor? d, Tensor U, Tensor c, str precision="ieee") -> (Tensor, Tensor)'
+_FOLD_BWD_SCHEMA = '(Tensor gW, Tensor gb, Tensor U, Tensor c, str precision="ieee") -> (Tensor, Tensor)'
 
 
 # --- plain torch, for devices Triton does not run on -------------------------------------------
@@ -87,8 +97,10 @@ def _runs_triton(t: Tensor) -> bool:
     return t.is_cuda or INTERPRETED
 
 
-def _cov_accumulate_impl(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor, allow_tf32: bool = False) -> None:
-    launch = cov_accumulate_launch(x, shift, s1, s2, allow_tf32=allow_tf32)
+def _cov_accumulate_impl(
+    x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor, allow_tf32: bool = False, precision: str = "ieee"
+) -> None:
+    launch = cov_accumulate_launch(x, shift, s1, s2, allow_tf32=allow_tf32, precision=precision)
     if launch is None:
         return
     if not _runs_triton(x):
@@ -97,10 +109,12 @@ def _cov_accumulate_impl(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor, allow
     _launch(cov_accum_kernel, *launch)
 
 
-def _fold_impl(V: Tensor, d: Tensor | None, U: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+def _fold_impl(
+    V: Tensor, d: Tensor | None, U: Tensor, c: Tensor, precision: str = "ieee"
+) -> tuple[Tensor, Tensor]:
     W = torch.empty(V.shape, dtype=V.dtype, device=V.device)
     b = torch.empty(V.shape[0], dtype=V.dtype, device=V.device)
-    launch = fold_weights_launch(V, d, U, c, W, b)  # validates
+    launch = fold_weights_launch(V, d, U, c, W, b, precision=precision)  # validates
     if not _runs_triton(V):
         return _fold_torch(V, d, U, c)
     if launch is not None:
@@ -108,25 +122,33 @@ def _fold_impl(V: Tensor, d: Tensor | None, U: Tensor, c: Tensor) -> tuple[Tenso
     return W, b
 
 
-def _fold_backward_impl(gW: Tensor, gb: Tensor, U: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+def _fold_backward_impl(
+    gW: Tensor, gb: Tensor, U: Tensor, c: Tensor, precision: str = "ieee"
+) -> tuple[Tensor, Tensor]:
     gV = torch.empty(gW.shape, dtype=gW.dtype, device=gW.device)
     gd = torch.empty(gb.shape, dtype=gb.dtype, device=gb.device)
-    launch = fold_weights_backward_launch(gW, gb, U, c, gV, gd)  # validates
+    launch = fold_weights_backward_launch(gW, gb, U, c, gV, gd, precision=precision)  # validates
     if not _runs_triton(gW) or launch is None:
         return _fold_backward_torch(gW, gb, U, c)
     _launch(fold_bwd_kernel, *launch)
     return gV, gd
 
 
-def _cov_accumulate_fake(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor, allow_tf32: bool = False) -> None:
+def _cov_accumulate_fake(
+    x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor, allow_tf32: bool = False, precision: str = "ieee"
+) -> None:
     return None
 
 
-def _fold_fake(V: Tensor, d: Tensor | None, U: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+def _fold_fake(
+    V: Tensor, d: Tensor | None, U: Tensor, c: Tensor, precision: str = "ieee"
+) -> tuple[Tensor, Tensor]:
     return V.new_empty(V.shape), V.new_empty(V.shape[0])
 
 
-def _fold_backward_fake(gW: Tensor, gb: Tensor, U: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+def _fold_backward_fake(
+    gW: Tensor, gb: Tensor, U: Tensor, c: Tensor, precision: str = "ieee"
+) -> tuple[Tensor, Tensor]:
     return gW.new_empty(gW.shape), gb.new_empty(gb.shape)
 
 
@@ -158,12 +180,13 @@ _fold_bwd_op = _register("fold_backward", _fold_backward_impl, _fold_backward_fa
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    """Both ops' inputs are (a weight-shaped tensor, a vector per output or None, U, c): the
-    backward keeps U and c, whether the vector was given, and the first input's shape, dtype
-    and device (for the zeros of a gradient that does not flow)."""
-    weight, vector, U, c = inputs
+    """Both ops' inputs are (a weight-shaped tensor, a vector per output or None, U, c,
+    precision): the backward keeps U and c, whether the vector was given, the precision, and the
+    first input's shape, dtype and device (for the zeros of a gradient that does not flow)."""
+    weight, vector, U, c, precision = inputs
     ctx.save_for_backward(U, c)
     ctx.has_vector = vector is not None
+    ctx.precision = precision
     ctx.meta = (weight.shape, weight.dtype, weight.device)
 
 
@@ -176,8 +199,8 @@ def _fold_autograd(ctx, gW: Tensor | None, gb: Tensor | None):
     U, c = ctx.saved_tensors
     gW, gb = _or_zeros(ctx, gW), _or_zeros(ctx, gb, per_output=True)
     with full_precision(gW.device):
-        gV, gd = torch.ops.prong_ext.fold_backward(gW, gb, U, c)
-    return gV, (gd if ctx.has_vector else None), None, None
+        gV, gd = torch.ops.prong_ext.fold_backward(gW, gb, U, c, ctx.precision)
+    return gV, (gd if ctx.has_vector else None), None, None, None
 
 
 def _fold_backward_autograd(ctx, ggV: Tensor | None, ggd: Tensor | None):
@@ -185,8 +208,8 @@ def _fold_backward_autograd(ctx, ggV: Tensor | None, ggd: Tensor | None):
     U, c = ctx.saved_tensors
     ggV = _or_zeros(ctx, ggV)
     with full_precision(ggV.device):
-        ggW, ggb = torch.ops.prong_ext.fold(ggV, ggd, U, c)
-    return ggW, ggb, None, None
+        ggW, ggb = torch.ops.prong_ext.fold(ggV, ggd, U, c, ctx.precision)
+    return ggW, ggb, None, None, None
 
 
 _fold_op.register_autograd(_fold_autograd, setup_context=_setup_context)
@@ -196,20 +219,27 @@ _fold_bwd_op.register_autograd(_fold_backward_autograd, setup_context=_setup_con
 # --- public functions -------------------------------------------------------------------------
 
 
-def cov_accumulate(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor, *, allow_tf32: bool = False) -> None:
+def cov_accumulate(
+    x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor, *, allow_tf32: bool = False, precision: str = "ieee"
+) -> None:
     """s1 += sum_r (x_r - shift), s2 += sum_r (x_r - shift)(x_r - shift)^T, in place.
 
     Args:
         x: (M, C) or (N, C, H, W) (rows: every spatial position of every image), any strides;
             float32, float16 or bfloat16.
         shift: (C,) float32. s1: (C,) float32. s2: (C, C) float32, symmetric.
-        allow_tf32: TF32 products on CUDA (float32 accumulation either way).
+        allow_tf32: single TF32 products on CUDA (float32 accumulation either way), no accuracy
+            contract; only with precision="ieee".
+        precision: "ieee" (default) or "tf32x3": tensor-core products on CUDA whose error against
+            float64 is at most twice that of torch's float32 matmul (TF32 off) of x - shift.
     """
     with full_precision(x.device):
-        torch.ops.prong_ext.cov_accumulate(x, shift, s1, s2, allow_tf32)
+        torch.ops.prong_ext.cov_accumulate(x, shift, s1, s2, allow_tf32, precision)
 
 
-def fold(V: Tensor, d: Tensor | None, U: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+def fold(
+    V: Tensor, d: Tensor | None, U: Tensor, c: Tensor, *, precision: str = "ieee"
+) -> tuple[Tensor, Tensor]:
     """Canonical weights of a whitened layer: W = V U per tap, b = d - sum_{i, taps} W[:, i] c[i].
 
     Differentiable in V and d (U and c are statistics buffers: they get no gradient). A whitened
@@ -218,15 +248,19 @@ def fold(V: Tensor, d: Tensor | None, U: Tensor, c: Tensor) -> tuple[Tensor, Ten
 
     Args:
         V: (O, I) or (O, I, kh, kw). d: (O,) or None. U: (I, I). c: (I,).
+        precision: "ieee" (default) or "tf32x3" (tensor cores on CUDA, for W and the backward's
+            gV; error against float64 at most twice that of torch's V @ U at V's precision).
 
     Returns:
         W (V's shape, contiguous, V's dtype) and b ((O,), V's dtype).
     """
     with full_precision(V.device):
-        return torch.ops.prong_ext.fold(V, d, U, c)
+        return torch.ops.prong_ext.fold(V, d, U, c, precision)
 
 
-def fold_backward(gW: Tensor, gb: Tensor, U: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+def fold_backward(
+    gW: Tensor, gb: Tensor, U: Tensor, c: Tensor, *, precision: str = "ieee"
+) -> tuple[Tensor, Tensor]:
     """gV[o, j, t] = sum_i (gW[o, i, t] - gb[o] c[i]) U[j, i] and gd = gb (a copy)."""
     with full_precision(gW.device):
-        return torch.ops.prong_ext.fold_backward(gW, gb, U, c)
+        return torch.ops.prong_ext.fold_backward(gW, gb, U, c, precision)

@@ -33,6 +33,17 @@ group g(o) = o // (C_out / G), sees only its block: W[o] = V[o] U[g(o)], b[o] = 
 Mixed precision: under torch.autocast the fold (W, b), the activation form's bias and the
 statistics run with autocast off (in the parameters' / the accumulator's dtype); the layer's own
 linear or conv runs under autocast as the plain layer's would.
+
+Precision of the Triton kernels' products (CUDA): `precision`, on covariance,
+CovarianceAccumulator, fold, whitened_linear and whitened_conv2d, is "ieee" (float32 FMA products,
+no tensor cores) or "tf32x3" (tensor cores: three TF32 products per float32 product, or the exact
+products of 16-bit V and U in the fold), whose error against float64 is at most twice that of the
+same computation in plain torch at the inputs' precision (float32 matmul with TF32 off;
+triton_kernels/precision.py). None, the default of every `precision`, takes the process-wide
+setting of set_matmul_precision ("ieee" unless set), read when the call is made (when an
+accumulator is made), so that the whitened layers' forward and backward and Prong's statistics
+follow it without new arguments. The torch path (CPU tensors, grouped layers, the activation form)
+ignores it.
 """
 
 from __future__ import annotations
@@ -55,6 +66,7 @@ from ._common import (
     rows,
     taps_sum,
 )
+from .triton_kernels.precision import PRECISIONS, check_precision
 
 __all__ = [
     "CovarianceAccumulator",
@@ -64,8 +76,10 @@ __all__ = [
     "fold",
     "fold_is_cheaper",
     "from_canonical",
+    "get_matmul_precision",
     "mul_in",
     "outer_taps",
+    "set_matmul_precision",
     "taps_sum",
     "whitened_conv2d",
     "whitened_linear",
@@ -73,6 +87,40 @@ __all__ = [
 ]
 
 _BACKENDS = ("auto", "torch", "triton", "extension")
+
+# What precision=None means: see set_matmul_precision.
+_matmul_precision = PRECISIONS[0]
+
+
+def set_matmul_precision(precision: str) -> None:
+    """Sets what `precision=None` (the default of covariance, CovarianceAccumulator, fold,
+    whitened_linear and whitened_conv2d) means from now on, for the Triton kernels on CUDA.
+
+    Args:
+        precision: "ieee" (float32 FMA products, no tensor cores; the initial setting) or "tf32x3"
+            (tensor cores; error against float64 at most twice that of plain torch at the inputs'
+            precision, triton_kernels/precision.py).
+
+    Raises:
+        ValueError: precision is not one of ("ieee", "tf32x3").
+
+    The setting is read at each call (at construction for an accumulator), so it reaches the
+    whitened layers' fold (forward and backward) and the statistics of a Prong window opened
+    after it. A torch.compile graph keeps the precision it was traced with; changing the setting
+    makes the next call trace again (a module global that Dynamo guards).
+    """
+    global _matmul_precision
+    _matmul_precision = check_precision(precision)
+
+
+def get_matmul_precision() -> str:
+    """The precision that `precision=None` takes now (see set_matmul_precision)."""
+    return _matmul_precision
+
+
+def _resolve_precision(precision: str | None) -> str:
+    """precision, checked; the process-wide setting for None."""
+    return _matmul_precision if precision is None else check_precision(precision)
 
 
 def _check_backend(backend: str, allowed: tuple[str, ...], op: str) -> None:
@@ -173,6 +221,10 @@ class CovarianceAccumulator:
             any floating dtype are upcast to it; float64 inputs always use float64.
         backend: "auto", "torch" or "triton" (groups == 1 only; "auto" takes the torch path for
             groups > 1).
+        precision: the Triton kernel's products: "ieee" (float32 FMA) or "tf32x3" (tensor cores,
+            the error of each batch's sums against float64 at most twice that of torch's float32
+            matmul of the shifted rows with TF32 off); None (default): get_matmul_precision() at
+            construction, kept as `self.precision`. The torch path ignores it.
     """
 
     def __init__(
@@ -182,8 +234,10 @@ class CovarianceAccumulator:
         groups: int = 1,
         dtype: torch.dtype = torch.float32,
         backend: str = "auto",
+        precision: str | None = None,
     ):
         _check_backend(backend, ("auto", "torch", "triton"), "CovarianceAccumulator")
+        self.precision = _resolve_precision(precision)
         if num_features < 1:
             raise ValueError(f"{num_features=} must be >= 1")
         _check_groups(num_features, groups)
@@ -253,7 +307,7 @@ class CovarianceAccumulator:
             s1 = s1 - self.count * delta
         b1 = torch.zeros(c, device=x.device, dtype=torch.float32)
         b2 = torch.zeros(c, c, device=x.device, dtype=torch.float32)
-        _triton_backend().cov_accumulate(x, shift, b1, b2)
+        _triton_backend().cov_accumulate(x, shift, b1, b2, precision=self.precision)
         self._triton_state = (shift, s1 + b1.double(), s2 + b2.double())
         self.count += x.numel() // c
 
@@ -387,7 +441,12 @@ def _batch_moments(
 
 
 def covariance(
-    x: torch.Tensor, *, groups: int = 1, dtype: torch.dtype = torch.float32, backend: str = "auto"
+    x: torch.Tensor,
+    *,
+    groups: int = 1,
+    dtype: torch.dtype = torch.float32,
+    backend: str = "auto",
+    precision: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Mean and biased covariance of the features along dim 1 of x.
 
@@ -397,13 +456,15 @@ def covariance(
         dtype: dtype of the products (float32 or float64; float64 for float64 inputs); results
             are float64.
         backend: "auto", "torch" or "triton" (groups == 1 only).
+        precision: the Triton kernel's products, "ieee" or "tf32x3", or None for
+            get_matmul_precision() (see CovarianceAccumulator).
 
     Returns:
         mean: (C,), cov: (C, C) (groups == 1) or (G, k, k), count.
     """
     if x.dim() < 2:
         raise ValueError(f"expected an input of shape (N, C, *), got {tuple(x.shape)}")
-    acc = CovarianceAccumulator(x.shape[1], groups=groups, dtype=dtype, backend=backend)
+    acc = CovarianceAccumulator(x.shape[1], groups=groups, dtype=dtype, backend=backend, precision=precision)
     acc.update(x)
     return acc.compute()
 
@@ -521,6 +582,7 @@ def fold(
     c: torch.Tensor | None,
     *,
     backend: str = "torch",
+    precision: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Canonical parameters of a whitened layer: W = V U (at every tap), b = d - W c.
 
@@ -534,11 +596,16 @@ def fold(
         backend: "torch" (the default, on every device: the fold of canonical() and of the
             reparametrizations), "auto" (the fold of the layers' forward: the Triton kernel for
             CUDA tensors with U (I, I), torch otherwise) or "triton" (U (I, I) only).
+        precision: the Triton kernel's products for W and for the gradient of V: "ieee" (float32
+            FMA) or "tf32x3" (tensor cores; 16-bit V and U of one dtype multiplied exactly), the
+            error against float64 at most twice that of torch's V @ U at V's precision; None
+            (default): get_matmul_precision(). The torch path ignores it.
 
     Returns:
         W with V's shape, b: (O,) or None when both d and c are None.
     """
     _check_backend(backend, ("auto", "torch", "triton"), "fold")
+    precision = _resolve_precision(precision)
     if U.dim() == 3 and backend == "triton":  # the Triton kernel folds a single block only
         raise ValueError(
             f"backend='triton' folds groups=1 layers only, got U of {U.shape[0]} blocks; "
@@ -548,8 +615,8 @@ def fold(
         if U.dim() == 2 and _use_triton(backend, V, U):
             triton_ops = _triton_backend()
             if c is None:  # no centre: b is d itself (or no bias at all)
-                return triton_ops.fold(V, None, U, U.new_zeros(U.shape[0]))[0], d
-            return triton_ops.fold(V, d, U, c)
+                return triton_ops.fold(V, None, U, U.new_zeros(U.shape[0]), precision=precision)[0], d
+            return triton_ops.fold(V, d, U, c, precision=precision)
         return _common.fold(V, d, U, c)
 
 
@@ -614,6 +681,7 @@ def whitened_linear(
     c: torch.Tensor | None,
     *,
     backend: str = "auto",
+    precision: str | None = None,
 ) -> torch.Tensor:
     """z = V U (x - c) + d.
 
@@ -626,16 +694,19 @@ def whitened_linear(
     Args:
         x: (*, in); V: (out, in); d: (out,) or None; U: (in, in); c: (in,) or None (zero).
         backend: "auto", "torch" or "triton" (the fold kernel).
+        precision: the fold kernel's products, "ieee" or "tf32x3", or None (default) for
+            get_matmul_precision() (see fold).
 
     Returns:
         (*, out)
     """
     _check_backend(backend, ("auto", "torch", "triton"), "whitened_linear")
+    precision = _resolve_precision(precision)
     _check_layer(x, V, U, c, dim=-1)
     if not fold_is_cheaper(x, V, backend=backend):
         # here rows < out, so centering x (rows * in) costs less than moving c into the bias
         return F.linear(F.linear(x if c is None else x - c, U), V, d)
-    W, b = fold(V, d, U, c, backend=backend)
+    W, b = fold(V, d, U, c, backend=backend, precision=precision)
     return F.linear(x, W, b)
 
 
@@ -652,6 +723,7 @@ def whitened_conv2d(
     groups: int = 1,
     *,
     backend: str = "auto",
+    precision: str | None = None,
 ) -> torch.Tensor:
     """The whitened convolution conv(U (pad(h) - c), V) + d as one conv: the 1x1 whitening
     conv is folded into the following conv's weights and bias. Where the fold would cost more
@@ -667,16 +739,19 @@ def whitened_conv2d(
             padding_mode and groups (G) as in nn.Conv2d.
         backend: "auto", "torch" or "triton" (the fold kernel; groups == 1 only, "auto" takes
             the torch fold for G > 1).
+        precision: the fold kernel's products, "ieee" or "tf32x3", or None (default) for
+            get_matmul_precision() (see fold).
 
     Returns:
         (N, C_out, H_out, W_out)
     """
     _check_backend(backend, ("auto", "torch", "triton"), "whitened_conv2d")
+    precision = _resolve_precision(precision)
     if backend == "triton" and groups != 1:
         raise ValueError(f"backend='triton' folds groups=1 convolutions only, got {groups=}")
     _check_layer(x, V, U, c, dim=-3, groups=groups)
     if fold_is_cheaper(x, V, groups, backend=backend):
-        W, b = fold(V, d, U, c, backend=backend)
+        W, b = fold(V, d, U, c, backend=backend, precision=precision)
     else:
         x = F.conv2d(x, U.reshape(-1, V.shape[1])[:, :, None, None], groups=groups)
         W, b = V, _activation_bias(V, d, U, c)

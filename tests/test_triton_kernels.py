@@ -560,13 +560,14 @@ def test_fold_rejects_bad_arguments():
 
 def test_op_schemas():
     assert str(torch.ops.prong_ext.fold.default._schema) == (
-        "prong_ext::fold(Tensor V, Tensor? d, Tensor U, Tensor c) -> (Tensor, Tensor)"
+        'prong_ext::fold(Tensor V, Tensor? d, Tensor U, Tensor c, str precision="ieee") -> (Tensor, Tensor)'
     )
     assert str(torch.ops.prong_ext.fold_backward.default._schema) == (
-        "prong_ext::fold_backward(Tensor gW, Tensor gb, Tensor U, Tensor c) -> (Tensor, Tensor)"
+        "prong_ext::fold_backward(Tensor gW, Tensor gb, Tensor U, Tensor c, "
+        'str precision="ieee") -> (Tensor, Tensor)'
     )
     schema = torch.ops.prong_ext.cov_accumulate.default._schema
-    assert [a.name for a in schema.arguments] == ["x", "shift", "s1", "s2", "allow_tf32"]
+    assert [a.name for a in schema.arguments] == ["x", "shift", "s1", "s2", "allow_tf32", "precision"]
     assert [a.is_write for a in schema.arguments if a.alias_info] == [True, True]
     assert schema.returns == []
 
