@@ -8,7 +8,9 @@ M*C^2 flops; the input is read once (4*M*C bytes) and the (C, C) result written 
 
 On CUDA the shapes are larger (32 to 128 MiB inputs): the GPU goal is read bandwidth, prong's
 4*M*C bytes over its time as a share of the memory's peak, at least 70% for C <= 256, and a
-smaller input would time the launch rather than the reads.
+smaller input would time the launch rather than the reads. At the full size CUDA also times
+"prong-tf32x3": ops.covariance with precision="tf32x3" (the kernel's products on the tensor cores,
+within twice the error of the float32 products; triton_kernels/precision.py) on the same input.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from common import sync
 from prong_ext import ops, reference
 
 IMPLS = ("naive", "prong", "torch.cov")  # torch.cov: a peer (rows permuted, correction=0)
+TENSOR_CORES = "prong-tf32x3"  # CUDA, full size: prong with precision="tf32x3"
 LAYOUTS = ("contiguous", "channels_last")
 
 # (N, C, H) with W = H: ResNet-like conv inputs
@@ -61,7 +64,8 @@ class Case:
 
 def cases(size: str, device: str) -> list[Case]:
     shapes = (CUDA_SHAPES if device == "cuda" else SHAPES)[size]
-    return [Case(n, c, h, layout, impl) for n, c, h in shapes for layout in LAYOUTS for impl in IMPLS]
+    impls = IMPLS + ((TENSOR_CORES,) if device == "cuda" and size == "full" else ())
+    return [Case(n, c, h, layout, impl) for n, c, h in shapes for layout in LAYOUTS for impl in impls]
 
 
 def floor_counts(case: Case) -> dict:
@@ -87,10 +91,11 @@ def make_runner(case: Case, device: str, x: torch.Tensor | None = None):
             sync(device)
             return out
 
-    elif case.impl == "prong":
+    elif case.impl in ("prong", TENSOR_CORES):
+        precision = "tf32x3" if case.impl == TENSOR_CORES else "ieee"
 
         def fn():
-            out = ops.covariance(x, backend="auto")
+            out = ops.covariance(x, backend="auto", precision=precision)
             sync(device)
             return out
 

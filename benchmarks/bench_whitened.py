@@ -16,6 +16,10 @@ Floors, relative to the plain layer's fwd+bwd (3 products of 2*N*Ho*Wo*C_out*C_i
   and input gradient of the U product), so ops.whitened_linear folds only when n_out <= r and
   otherwise computes the naive form itself: at r <= n the best exact speedup over naive is 1.0,
   and at r -> infinity it tends to 5/3.
+
+At the full size CUDA also times "prong-tf32x3": prong with precision="tf32x3" (the fold and its
+gradient on the tensor cores, within twice the error of float32 products;
+triton_kernels/precision.py).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from common import sync
 from prong_ext import ops, reference
 
 IMPLS = ("plain", "naive", "prong")
+TENSOR_CORES = "prong-tf32x3"  # CUDA, full size: prong with precision="tf32x3"
 
 # conv: (N, C, H, k) with C_in = C_out = C, W = H, stride 1, padding k // 2
 CONV_SHAPES = {
@@ -103,8 +108,9 @@ def cases(size: str, device: str) -> list[Case]:
     cuda = device == "cuda"
     convs = (CUDA_CONV_SHAPES if cuda else CONV_SHAPES)[size]
     linears = (CUDA_LINEAR_SHAPES if cuda else LINEAR_SHAPES)[size]
-    out = [Case("conv", n, c, h, k, impl) for n, c, h, k in convs for impl in IMPLS]
-    out += [Case("linear", r, n, impl=impl) for r, n in linears for impl in IMPLS]
+    impls = IMPLS + ((TENSOR_CORES,) if cuda and size == "full" else ())
+    out = [Case("conv", n, c, h, k, impl) for n, c, h, k in convs for impl in impls]
+    out += [Case("linear", r, n, impl=impl) for r, n in linears for impl in impls]
     return out
 
 
@@ -157,19 +163,21 @@ def make_runner(case: Case, device: str, t: dict | None = None):
     t = make_inputs(case, device) if t is None else t
     x, V, d, U, c = t["x"], t["V"], t["d"], t["U"], t["c"]
     pad = case.k // 2
+    precision = "tf32x3" if case.impl == TENSOR_CORES else "ieee"
+    impl = "prong" if case.impl == TENSOR_CORES else case.impl
     if case.kind == "conv":
         forward = {
             "plain": lambda: F.conv2d(x, t["W"], t["b"], 1, pad),
             "naive": lambda: reference.whitened_conv2d(x, V, d, U, c, 1, pad),
-            "prong": lambda: ops.whitened_conv2d(x, V, d, U, c, 1, pad, backend="auto"),
-        }[case.impl]
+            "prong": lambda: ops.whitened_conv2d(x, V, d, U, c, 1, pad, backend="auto", precision=precision),
+        }[impl]
     else:
         forward = {
             "plain": lambda: F.linear(x, t["W"], t["b"]),
             "naive": lambda: reference.whitened_linear(x, V, d, U, c),
-            "prong": lambda: ops.whitened_linear(x, V, d, U, c, backend="auto"),
-        }[case.impl]
-    params = [x, t["W"], t["b"]] if case.impl == "plain" else [x, V, d]
+            "prong": lambda: ops.whitened_linear(x, V, d, U, c, backend="auto", precision=precision),
+        }[impl]
+    params = [x, t["W"], t["b"]] if impl == "plain" else [x, V, d]
     with torch.no_grad():
         shape = forward().shape
     grad_out = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
