@@ -210,14 +210,7 @@ def plot(standings: list[Standing], goals: dict, x: str, path, title: str) -> No
         ax.axhline(target, color="gray", linestyle="--", linewidth=0.8)
         ax.annotate(f"target {h}: {m}", (0, target), fontsize=7, color="gray", va="bottom")
     ax.set_yscale("log")
-    ax.set_xlabel(report.XLABELS[x])
-    ax.set_ylabel("training loss (mean over seeds)")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    report.save_plot(fig, ax, path, x=x, ylabel="training loss (mean over seeds)", title=title, legend_size=7)
 
 
 PLOTS = (("loss_vs_updates.png", "update"), ("loss_vs_seconds.png", "seconds"))

@@ -89,14 +89,20 @@ def plot_curves(results: list[RunResult], plot: Plot, path: str | os.PathLike, t
         ax.plot(xs, ys, label=label, color=COLORS.get(r.method))
     if plot.logy:
         ax.set_yscale("log")
-    ax.set_xlabel(XLABELS[plot.x])
-    ax.set_ylabel(plot.ylabel)
+    return save_plot(fig, ax, path, x=plot.x, ylabel=plot.ylabel, title=title, legend_size=8)
+
+
+def save_plot(fig, ax, path: str | os.PathLike, *, x: str, ylabel: str, title: str, legend_size: int) -> Path:
+    """Label ``ax`` (x axis from XLABELS[x]), add the grid and legend, write ``fig`` to ``path``
+    and close it."""
+    ax.set_xlabel(XLABELS[x])
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=legend_size)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    pyplot().close(fig)
     return Path(path)
 
 

@@ -151,19 +151,10 @@ class Task:
         shared = dict(updates=args.updates, seed=args.seed, batch_size=args.batch_size, quiet=args.quiet)
         return cls(**shared, momentum=args.momentum, prong=ProngConfig.from_args(args), **fields)
 
-    def run(
-        self,
-        method: str,
-        lr: float,
-        *,
-        updates: int | None = None,
-        eval_every: int | None = None,
-        prong: ProngConfig | None = None,
-        desc: str | None = None,
-    ) -> RunResult:
-        """Train ``method`` from the seed, return its RunResult; ``updates``, ``eval_every`` and the
-        Prong configuration ``prong`` default to the task's."""
-        stepper = self.start(method, lr, updates=updates, eval_every=eval_every, prong=prong, desc=desc)
+    def run(self, method: str, lr: float, **options) -> RunResult:
+        """Train ``method`` from the seed, return its RunResult; ``options`` are ``start``'s
+        (``updates``, ``eval_every`` and the Prong configuration ``prong`` default to the task's)."""
+        stepper = self.start(method, lr, **options)
         while stepper.advance():
             pass
         return stepper.finish()
