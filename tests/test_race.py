@@ -107,9 +107,18 @@ def test_targets_are_fixed_before_the_seeded_runs_and_the_summary_has_its_column
     ):
         assert all(r[col] != "" for r in rows), col
     assert {"ms_per_update", "cpu_ms_per_update", "seeds_reaching_6", "commit"} <= set(rows[0])
+    shares = {r["method"]: float(r["rewhitening_share"]) for r in rows}
+    assert shares["sgd"] == 0 and 0 < shares["prong-adam"] < 1
     assert all(r["seeds"] == "2" for r in rows)
     md = (out / "summary.md").read_text()
     assert "target 6:" in md and "seconds to target 4" in md and "Learning-rate grid" in md
+    assert "re-whitening % of time" in md and "| seconds ratio | seeds reaching | goal met |" in md
+    with open(out / "goal.csv", newline="") as f:
+        goal = list(csv.DictReader(f))
+    assert [(r["horizon"], r["method"], r["baseline"]) for r in goal] == [
+        ("4", "prong-adam", "sgd"),
+        ("6", "prong-adam", "sgd"),
+    ]
     for png in ("loss_vs_updates.png", "loss_vs_seconds.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     with open(out / "curves.csv", newline="") as f:
@@ -142,3 +151,58 @@ def test_a_best_rate_at_the_grid_edge_is_named():
         rows + [{"method": "one", "lr": 1.0}], {"sgd": 1.0, "adam": 0.3, "bn": 0.1, "one": 1.0}
     )
     assert edge == {"sgd": "largest", "bn": "smallest"}
+
+
+def _run(method, losses, seconds_per_update, timings=None):
+    """A RunResult with records at updates 0, 2, 4, 6 (the given losses) and linear seconds."""
+    records = [
+        {"update": u, "seconds": u * seconds_per_update, "train_loss": loss}
+        for u, loss in zip((0, 2, 4, 6), losses)
+    ]
+    train = 6 * seconds_per_update
+    return race.RunResult(method, 0.1, records, train, updates=6, prong_timings=timings or {})
+
+
+def test_the_goal_table_divides_by_the_baseline_that_set_the_target():
+    base = race.Standing(
+        "bn-adam", 3e-3, [_run("bn-adam", [9, 8, 7, 6], 1.0), _run("bn-adam", [9, 8, 7, 4], 1.0)]
+    )
+    fast = race.Standing(
+        "prong-adam",
+        3e-3,
+        [
+            _run("prong-adam", [9, 6, 4, 4], 2.0, {"eigh": 1.5, "projection": 1.5}),
+            _run("prong-adam", [9, 5, 3, 2], 2.0, {"eigh": 3.0}),
+        ],
+    )
+    slow = race.Standing("prong", 1e-3, [_run("prong", [9, 9, 8, 7], 1.0), _run("prong", [9, 8, 6, 6], 1.0)])
+    rows = race.goal_rows([base, fast, slow], {6: ("bn-adam", 6.0), 4: ("bn-adam", 7.0)})
+    assert [(r["horizon"], r["method"], r["baseline"]) for r in rows] == [
+        (6, "prong-adam", "bn-adam"),
+        (6, "prong", "bn-adam"),
+        (4, "prong-adam", "bn-adam"),
+        (4, "prong", "bn-adam"),
+    ]
+    # horizon 6: mean losses 3 vs 5; prong-adam reaches 6 at update 2 on both seeds, 4 s, against
+    # the baseline's 6 s over its 6 updates
+    assert rows[0]["loss_ratio"] == 3 / 5
+    assert rows[0]["updates_ratio"] == 2 / 6 and rows[0]["seconds_ratio"] == 4 / 6
+    assert rows[0]["seeds_reaching"] == 2 and rows[0]["goal_met"] is False  # 4 s > 1/2 of 6 s
+    assert rows[1]["seeds_reaching"] == 1 and rows[1]["goal_met"] is False
+    # horizon 4: mean losses 3.5 vs 7; target 7 at update 2 (4 s) against 4 updates (4 s)
+    assert rows[2]["loss_ratio"] == 3.5 / 7 and rows[2]["updates_ratio"] == 2 / 4
+    assert rows[2]["seconds_ratio"] == 1.0 and rows[2]["goal_met"] is False
+    assert fast.rewhitening_share() == 0.25 and base.rewhitening_share() == 0
+    table = race.goal_table(rows)
+    assert table.header[3:6] == ["loss ratio", "updates ratio", "seconds ratio"]
+    assert table.rows[0][-2:] == ["2/2", "no"]
+
+
+def test_the_goal_is_met_within_every_limit():
+    base = race.Standing("adam", 3e-3, [_run("adam", [9, 8, 7, 6], 1.0)])
+    fast = race.Standing("prong-adam", 3e-3, [_run("prong-adam", [9, 4, 4, 4], 1.0)])
+    (row,) = race.goal_rows([base, fast], {6: ("adam", 6.0)})
+    assert row["loss_ratio"] == 4 / 6 and row["updates_ratio"] == 2 / 6 and row["seconds_ratio"] == 2 / 6
+    assert row["goal_met"] is True
+    # no goal rows without a baseline among the standings
+    assert race.goal_rows([fast], {6: ("prong-adam", 4.0)}) == []

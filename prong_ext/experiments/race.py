@@ -12,7 +12,8 @@ turn in one process.
 
 Per method: the training loss at --horizon and --updates (mean and min..max over seeds), the
 updates and training seconds to reach each target (mean over the seeds that reach it; 'never'
-when none does), milliseconds per update.
+when none does), milliseconds per update, the share of the training time spent re-whitening.
+Per PRONG method, against the baseline that set each target: the goal table (GOAL).
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ from .training import RunResult, Task, progress_bar
 DEFAULT_GRID = (0.3, 1.0, 3.0)
 HORIZON = 500
 KEY = "train_loss"
+#: the project's goal for a PRONG method against the strongest baseline at a horizon h: a mean
+#: loss at h at most 0.8 of the baseline's, and the baseline's loss at h (the target) reached in
+#: at most 1/3 of its h updates and 1/2 of its training seconds over them, on every seed
+GOAL = {"loss": 0.8, "updates": 1 / 3, "seconds": 1 / 2}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -85,9 +90,14 @@ def race(task: Task, plan: list[tuple[str, float, int]], desc: str) -> list[RunR
     return [st.finish() for st in steppers]
 
 
+def value_at(r: RunResult, update: int, key: str) -> float:
+    """The record's ``key`` at ``update``; inf when the run diverged before it."""
+    return next((rec[key] for rec in r.records if rec["update"] == update), math.inf)
+
+
 def loss_at(r: RunResult, update: int) -> float:
     """The training loss recorded at ``update``; inf when the run diverged before it."""
-    return next((rec[KEY] for rec in r.records if rec["update"] == update), math.inf)
+    return value_at(r, update, KEY)
 
 
 def grid(task: Task, lrs: dict[str, float], factors: list[float]) -> tuple[dict, dict, list[dict]]:
@@ -141,6 +151,17 @@ class Standing:
         wall = statistics.fmean(r.seconds_per_update for r in self.runs)
         return 1e3 * wall, 1e3 * statistics.fmean(r.cpu_seconds_per_update for r in self.runs)
 
+    def seconds_at(self, update: int) -> float:
+        """Training seconds over the first ``update`` updates, mean over seeds (inf when a seed
+        diverged before)."""
+        return statistics.fmean(value_at(r, update, "seconds") for r in self.runs)
+
+    def rewhitening_share(self) -> float:
+        """The share of the training seconds that Prong's re-whitenings took (statistics merge,
+        eigendecompositions, projection), mean over seeds; 0 without Prong."""
+        shares = [sum(r.prong_timings.values()) / max(r.train_seconds, 1e-12) for r in self.runs]
+        return statistics.fmean(shares)
+
 
 def spread(vals: list[float]) -> tuple[float, float, float]:
     """Mean, min and max (inf when a seed diverged)."""
@@ -160,6 +181,7 @@ def csv_row(st: Standing, horizons: list[int], goals: dict[int, tuple[str, float
     return row | {
         "ms_per_update": wall,
         "cpu_ms_per_update": cpu,
+        "rewhitening_share": st.rewhitening_share(),
         "diverged_seeds": sum(r.diverged for r in st.runs),
     }
 
@@ -177,13 +199,59 @@ def md_table(standings: list[Standing], horizons: list[int], goals: dict) -> Tab
     """summary.md's table: losses as mean (min..max), updates and seconds to each target, ms/update."""
     header = ["method", "lr"] + [f"loss at {h} (min..max)" for h in horizons]
     header += [f"{w} to target {h}" for h in goals for w in ("updates", "seconds")]
-    header += ["ms/update", "CPU ms/update"]
+    header += ["ms/update", "CPU ms/update", "re-whitening % of time"]
     rows = []
     for st in standings:
         cells = [f"{m:.4g} ({lo:.4g}..{hi:.4g})" for m, lo, hi in (spread(st.losses(h)) for h in horizons)]
         cells += [c for h in goals for c in reach_cells(st, goals[h][1])]
-        rows.append([st.method, st.lr, *cells, *st.ms_per_update()])
+        rows.append([st.method, st.lr, *cells, *st.ms_per_update(), f"{100 * st.rewhitening_share():.1f}"])
     return Table(header, rows)
+
+
+def goal_rows(standings: list[Standing], goals: dict[int, tuple[str, float]]) -> list[dict]:
+    """Per horizon h and PRONG method, against the baseline that set target h: the ratio of mean
+    losses at h, the updates and seconds to the target over the baseline's h updates and its
+    training seconds over them, the seeds reaching the target, and whether GOAL is met."""
+    by_name = {st.method: st for st in standings}
+    rows = []
+    for h, (base_name, target) in goals.items():
+        base = by_name.get(base_name)
+        if base is None or REGISTRY[base_name].prong:
+            continue
+        base_loss, base_seconds = statistics.fmean(base.losses(h)), base.seconds_at(h)
+        for st in standings:
+            if not REGISTRY[st.method].prong:
+                continue
+            updates, seconds, n = st.to_target(target)
+            ratios = {
+                "loss": statistics.fmean(st.losses(h)) / base_loss,
+                "updates": updates / h,
+                "seconds": seconds / base_seconds,
+            }
+            met = n == len(st.runs) and all(ratios[k] <= limit for k, limit in GOAL.items())
+            rows.append(
+                {"horizon": h, "method": st.method, "baseline": base_name}
+                | {f"{k}_ratio": v for k, v in ratios.items()}
+                | {"seeds_reaching": n, "seeds": len(st.runs), "goal_met": met}
+            )
+    return rows
+
+
+def goal_table(rows: list[dict]) -> Table:
+    """summary.md's goal table from goal_rows."""
+    header = ["horizon", "method", "vs", *(f"{k} ratio" for k in GOAL), "seeds reaching", "goal met"]
+    cells = [
+        [
+            r["horizon"],
+            r["method"],
+            r["baseline"],
+            *(f"{r[f'{k}_ratio']:.3g}" for k in GOAL),
+            f"{r['seeds_reaching']}/{r['seeds']}",
+            "yes" if r["goal_met"] else "no",
+        ]
+        for r in rows
+    ]
+    return Table(header, cells)
 
 
 def mean_curve(st: Standing, x: str) -> tuple[list[float], list[float], list[float], list[float]]:
@@ -239,7 +307,7 @@ def at_edge(grid_rows: list[dict], best: dict[str, float]) -> dict[str, str]:
     return edge
 
 
-def body(standings, goals: dict, grid_rows: list[dict], table: Table, n_eval: int) -> list:
+def body(standings, goals: dict, grid_rows: list[dict], table: Table, n_eval: int, goal: list[dict]) -> list:
     """summary.md below the settings."""
     lines = [
         f"Training loss = the objective ({n_eval} training images, eval mode). Target h = the lowest "
@@ -254,14 +322,23 @@ def body(standings, goals: dict, grid_rows: list[dict], table: Table, n_eval: in
         named = ", ".join(f"{m} ({side})" for m, side in edge.items())
         lines.append(f"- best rate at the grid's edge, the optimum may lie beyond it: {named}")
     lines += ["", table, ""]
+    if goal:
+        limits = ", ".join(f"{k} ratio <= {v:.3g}" for k, v in GOAL.items())
+        lines += [
+            f"Goal, each PRONG method against the baseline that set the target ({limits}, every seed "
+            "reaching the target; the baseline's updates and seconds are those of its h updates):",
+            "",
+            goal_table(goal),
+            "",
+        ]
     grid_table = Table(*_records_table(grid_rows), printed=False)
     lines += ["Learning-rate grid:", "", grid_table, "", report.images(*(f for f, _ in PLOTS)), ""]
     return lines
 
 
 def run(args: argparse.Namespace, out) -> dict:
-    """The grid, the targets, the seeded race; curves.csv, grid.csv, summary.csv, two plots and
-    summary.md; prints the table."""
+    """The grid, the targets, the seeded race; curves.csv, grid.csv, summary.csv, goal.csv (with
+    a baseline and a PRONG method), two plots and summary.md; prints the tables."""
     factors, seeds = numbers(args.grid, float, "--grid"), numbers(args.seeds, int, "--seeds")
     horizons = sorted({min(args.horizon, args.updates), args.updates})
     ds, x = common.train_rows(args)
@@ -285,7 +362,10 @@ def run(args: argparse.Namespace, out) -> dict:
     csv_table = Table(*_records_table([csv_row(st, horizons, goals) for st in standings]), printed=False)
     table = md_table(standings, horizons, goals)
     text = settings(args, task, sizes, x.shape[0], factors, seeds, horizons)
-    lines = body(standings, goals, grid_rows, table, min(args.eval_samples, x.shape[0]))
+    goal = goal_rows(standings, goals)
+    if goal:
+        report.write_csv(out / "goal.csv", goal)
+    lines = body(standings, goals, grid_rows, table, min(args.eval_samples, x.shape[0]), goal)
     report.write_summary(out, args, f"Race ({ds.name})", text, lines, csv_table)
     return {"standings": standings, "targets": goals, "best": best, "grid": grid_rows}
 
