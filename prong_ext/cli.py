@@ -116,7 +116,7 @@ IDX_HELP = (
 
 def _subcommands() -> dict:
     """name: (module, one-line summary, help of --data)."""
-    from .experiments import autoencoder, cnn, fisher, race, sweep
+    from .experiments import autoencoder, cnn, fisher, gradients, race, sweep
 
     return {
         "autoencoder": (autoencoder, "deep auto-encoder: sgd, rmsprop, bn, prong, prong+ (Fig. 3)", IDX_HELP),
@@ -131,6 +131,11 @@ def _subcommands() -> dict:
             "VGG-like convnet: prong, prong+ vs sgd, bn",
             "Fashion-MNIST/MNIST IDX data as for autoencoder (default: Debian's "
             "/usr/share/datasets/fashion-mnist when installed, else scikit-learn's digits)",
+        ),
+        "gradients": (
+            gradients,
+            "the output side: spectrum of the back-propagated gradients' second moment (two-sided whitening)",
+            IDX_HELP,
         ),
         "race": (
             race,
