@@ -68,7 +68,7 @@ def test_setup_builds_the_variant_of_the_entry(name):
     assert (s.prong_config is None) == (not entry.prong)
     if entry.prong:
         assert s.prong_config.eps == (entry.prong_eps or config.eps)
-        assert s.prong_config.interval == config.interval
+        assert s.prong_config.interval == (entry.prong_interval or config.interval)
     expected = entry.optimizer(nn.Linear(1, 1).parameters(), 0.1, 0.9)
     assert type(s.optimizer) is type(expected)
     assert s.optimizer.defaults["lr"] == 0.1
@@ -150,3 +150,14 @@ def test_the_second_moment_variants_reach_prong(name, policy):
     res = stepper.finish()
     assert stepper.prong.second_moment == policy
     assert res.updates == 7 and not res.diverged and res.num_reparametrizations > 0
+
+
+@pytest.mark.parametrize(
+    "name,interval", [("prong-adam", 2), ("prong-adam-t200", 200), ("prong-adam-t400", 400)]
+)
+def test_the_interval_variants_reach_prong(name, interval):
+    stepper = _task().start(name, 1e-3)
+    assert stepper.s.prong_config.interval == interval and stepper.s.prong_config.eps == 0.1
+    while stepper.advance():
+        pass
+    assert stepper.prong.interval == interval and stepper.finish().updates == 7

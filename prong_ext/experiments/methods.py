@@ -53,6 +53,8 @@ class Method:
         prong_eps: Prong's eps for this method, over the command line's --eps (None: --eps).
         second_moment: Prong's ``second_moment``, what a re-whitening does to Adam's exp_avg_sq
             ('keep', 'reset' or 'diagonal'; None: the configuration's, 'keep').
+        prong_interval: Prong's interval T for this method, over the command line's --interval
+            (None: --interval).
         adaptive: the optimizer divides by a running RMS of the gradient, so its learning rate
             does not grow or shrink with the scale of the loss (the auto-encoder does not rescale
             it with the image size).
@@ -65,6 +67,7 @@ class Method:
     prong: bool = False
     prong_eps: float | None = None
     second_moment: str | None = None
+    prong_interval: int | None = None
     adaptive: bool = False
 
 
@@ -102,6 +105,13 @@ REGISTRY: dict[str, Method] = {
             prong_eps=0.1,
             second_moment="diagonal",
             adaptive=True,
+        ),
+        # fewer re-whitenings: what a larger T saves and what it costs (results/race_mnist_interval)
+        *(
+            Method(
+                f"prong-adam-t{t}", adam, _ADAM_LR, prong=True, prong_eps=0.1, prong_interval=t, adaptive=True
+            )
+            for t in (200, 400)
         ),
     )
 }
@@ -145,7 +155,7 @@ def setup(
     optimizer = m.optimizer(model.parameters(), lr, momentum)
     if not m.prong:
         return Setup(model, optimizer)
-    changes = {"eps": m.prong_eps, "second_moment": m.second_moment}
+    changes = {"eps": m.prong_eps, "second_moment": m.second_moment, "interval": m.prong_interval}
     return Setup(
         model, optimizer, replace(prong_config, **{k: v for k, v in changes.items() if v is not None})
     )

@@ -285,12 +285,16 @@ PLOTS = (("loss_vs_updates.png", "update"), ("loss_vs_seconds.png", "seconds"))
 
 
 def settings(args, task: Task, sizes, n: int, factors, seeds, horizons) -> str:
-    own = ", ".join(f"{m} {REGISTRY[m].prong_eps:g}" for m in args.methods if REGISTRY[m].prong_eps)
+    def own(field: str) -> str:
+        """' (method value, ...)' for the methods with their own Prong ``field``, else ''."""
+        vals = [f"{m} {getattr(REGISTRY[m], field):g}" for m in args.methods if getattr(REGISTRY[m], field)]
+        return f" ({', '.join(vals)})" if vals else ""
+
     grid_text = ", ".join(f"{f:g}" for f in factors)
     return (
         f"Architecture {'-'.join(map(str, sizes))}, {args.activation} units, {args.loss} loss, {n} training "
         f"images, batch {task.batch_size}, {task.updates} updates, evaluations every {task.eval_every}, "
-        f"T={task.prong.interval}, eps={task.prong.eps:g}{f' ({own})' if own else ''}, "
+        f"T={task.prong.interval}{own('prong_interval')}, eps={task.prong.eps:g}{own('prong_eps')}, "
         f"N_s={task.prong.num_samples}, momentum={task.momentum:g}; grid x {grid_text} on seed {task.seed}; "
         f"seeds {', '.join(map(str, seeds))}; horizons {', '.join(map(str, horizons))}."
     )
