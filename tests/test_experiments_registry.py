@@ -153,7 +153,7 @@ def test_the_second_moment_variants_reach_prong(name, policy):
 
 
 @pytest.mark.parametrize(
-    "name,interval", [("prong-adam", 2), ("prong-adam-t200", 200), ("prong-adam-t400", 400)]
+    "name,interval", [("prong-adam", 2), ("prong-adam-reset-t200", 200), ("prong-adam-reset-t400", 400)]
 )
 def test_the_interval_variants_reach_prong(name, interval):
     stepper = _task().start(name, 1e-3)

@@ -16,11 +16,11 @@ import torch
 
 import prong_ext
 
-from .methods import PAPER_METHODS, REGISTRY
+from .methods import DEMO_METHODS, REGISTRY
 
-#: the paper's comparison (autoencoder's default --methods); --methods and --lr take every entry
-#: of the registry
-METHODS = PAPER_METHODS
+#: autoencoder's default --methods (the paper's comparison and Adam with and without PRONG);
+#: --methods and --lr take every entry of the registry
+METHODS = DEMO_METHODS
 
 
 class UsageError(ValueError):
@@ -127,7 +127,10 @@ class ProngConfig:
     num_samples: int = 1024
     whitening: str = "pca"
     rescale: bool = False
-    second_moment: str = "keep"  # what a re-whitening does to Adam's exp_avg_sq (set per method)
+    # what a re-whitening does to Adam's state (set per method): "keep" here, so that the
+    # registry's prong-adam means the same in every committed run; prong_ext.Prong's own default
+    # is "reset" (the registry's prong-adam-reset)
+    second_moment: str = "keep"
     whitened_init: bool = True  # reparametrize at t = 0 (else the first one happens at t = T)
 
     @classmethod
