@@ -69,12 +69,12 @@ def moved_moments(
     The second moments (Adam's exp_avg_sq and AMSGrad's max_exp_avg_sq), per `second_moment`:
 
     - "keep": left as they are.
-    - "reset": V's zeroed, and V's `step` too where its state has one, so that Adam's bias
-      correction 1 - beta2^step weighs the fresh estimate as at the start of training (with the
-      step kept, it would divide by ~1 and the update would be up to (1 - beta2)^-1/2 times too
-      large for ~1 / (1 - beta2) updates). The transformed first moment is then debiased as one
-      fresh gradient: for k updates after it, its share of the update grows by 1 / (1 - beta1^k).
-      d's state is kept: its coordinates do not change.
+    - "reset": Adam restarts on V: its first and second moments are zeroed, and its `step` too
+      where its state has one, so that Adam's bias correction weighs the fresh estimates as at
+      the start of training (with the step kept, 1 - beta2^step would be ~1 and the update up to
+      (1 - beta2)^-1/2 times too large for ~1 / (1 - beta2) updates; over a zeroed second moment
+      a transformed first moment would have no bound per coordinate). d's state is kept: its
+      coordinates do not change.
     - "diagonal": v, V's second moment, taken as the diagonal of E[g g^T] over the coordinates
       (V[o], d[o]) with no correlation between them, and carried through the map above:
       E[g_V' g_V'^T] = A diag(v_V[o]) A^T + a v_d[o] a^T, whose diagonal is

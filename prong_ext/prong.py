@@ -73,13 +73,15 @@ class Prong:
             exp_avg_sq and max_exp_avg_sq (no exact transform exists) go as second_moment says.
             "reset" clears the whitened parameters' optimizer state. "keep" leaves it untouched.
         second_moment: with optimizer_state="transform", what a re-whitening does to the second
-            moments of V (docs/algorithm.md section 8): "keep" leaves them as they are; "reset"
-            zeroes them and V's step (Adam's bias correction then restarts, so the update is not
-            inflated; the transformed first moment weighs as one fresh gradient); "diagonal"
-            carries them as the diagonal of E[g g^T] through the map of the gradients,
-            v' = (A * A) v per output row, A = U' U^-1, plus d's share for a moved centre.
-            A rescaling (rescale=True) multiplies them by the squared change under every policy:
-            for a diagonal change that is exact.
+            moments of V (docs/algorithm.md section 8): "reset" (the default, None, with
+            optimizer_state="transform") restarts Adam on V: its exp_avg, second moments and
+            step are zeroed, so the update after a re-whitening is Adam's first one, at most lr
+            per coordinate (d, whose coordinates do not change, keeps its state); "keep" leaves
+            the second moments as they are; "diagonal" carries them as the diagonal of
+            E[g g^T] through the map of the gradients, v' = (A * A) v per output row,
+            A = U' U^-1, plus d's share for a moved centre. Optimizers without second moments
+            (SGD) are not affected. A rescaling (rescale=True) multiplies them by the squared
+            change under every policy: for a diagonal change that is exact.
         max_features: layers with a wider input stay unwhitened (with a warning).
         rescale: the paper's per-minibatch diagonal rescaling W = V D U (docs/algorithm.md): at every
             step() that does not re-whiten, U becomes D U0 (U0: the U of the last re-whitening)
@@ -117,7 +119,7 @@ class Prong:
         eps: float = 1e-2,
         whitening: str = "pca",
         optimizer_state: str = "transform",
-        second_moment: str = "keep",
+        second_moment: str | None = None,
         max_features: int = 4096,
         rescale: bool = False,
         process_group=None,
@@ -125,6 +127,7 @@ class Prong:
         _check_arguments(
             interval, num_samples, eps, whitening, optimizer_state, max_features, optimizer, rescale
         )
+        second_moment = _default_second_moment(optimizer_state) if second_moment is None else second_moment
         _check_moment_policies(optimizer_state, second_moment)
         self.model = model
         # statistics passes of reparametrize(data) run the wrapped module: DDP's forward would
@@ -594,13 +597,18 @@ class Prong:
             "window": window if self._window_open else None,
         }
 
+    def _checkpoint_second_moment(self, state: dict) -> str:
+        """The checkpoint's second_moment; for a checkpoint from before the option, the
+        constructor's where the checkpoint transforms the moments, else "keep"."""
+        if "second_moment" in state:
+            return state["second_moment"]
+        return self.second_moment if state["optimizer_state"] == "transform" else "keep"
+
     def load_state_dict(self, state: dict) -> None:
         """Restores what state_dict() returned, its tensors moved to each layer's device; the
         layer names and the rescale option must match."""
         self._check_state(state)
-        _check_moment_policies(
-            state["optimizer_state"], state.get("second_moment", self.second_moment), "state_dict"
-        )
+        _check_moment_policies(state["optimizer_state"], self._checkpoint_second_moment(state), "state_dict")
         changed = [
             f"{key}={state[key]!r} (constructed with {getattr(self, key)!r})"
             for key in _HYPERPARAMETERS
@@ -619,8 +627,7 @@ class Prong:
         self.eps = float(state["eps"])
         self.whitening = state["whitening"]
         self.optimizer_state = state["optimizer_state"]
-        # a checkpoint from before the option says nothing about it: the constructor's stays
-        self.second_moment = state.get("second_moment", self.second_moment)
+        self.second_moment = self._checkpoint_second_moment(state)
         self._examples_per_step = state["examples_per_step"]
         self.num_reparametrizations = int(state["num_reparametrizations"])
         self.timings = dict(state["timings"])
@@ -674,6 +681,12 @@ def _check_arguments(
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
     if not isinstance(rescale, bool):
         raise TypeError(f"{rescale=} must be a bool")
+
+
+def _default_second_moment(optimizer_state: str) -> str:
+    """second_moment=None: "reset" where the moments are transformed (the race's choice for Adam,
+    docs/experiments.md), else "keep" (optimizer_state already decides the whole state)."""
+    return "reset" if optimizer_state == "transform" else "keep"
 
 
 def _check_moment_policies(optimizer_state, second_moment, where: str = "Prong") -> None:

@@ -143,7 +143,8 @@ def test_transform_keeps_momentum_direction_in_canonical_coordinates(name, opt_n
         else torch.optim.Adam(params, lr=1e-3)
     )
     key = "momentum_buffer" if opt_name == "sgd" else "exp_avg"
-    prong = Prong(model, opt, interval=1000, num_samples=64)
+    # "keep": the first moments are transformed, not restarted (the default "reset" zeroes them)
+    prong = Prong(model, opt, interval=1000, num_samples=64, second_moment="keep")
     prong.reparametrize(x)  # U != I and c != 0 before the reparametrization under test
     for _ in range(3):
         opt.zero_grad()

@@ -491,7 +491,7 @@ def test_zca_transform_keeps_momentum_direction(opt_name):
     x = data(shape, n=64)
     opt = _optimizer(opt_name, model)
     key = "momentum_buffer" if opt_name == "sgd" else "exp_avg"
-    prong = Prong(model, opt, interval=1000, num_samples=64, whitening="zca")
+    prong = Prong(model, opt, interval=1000, num_samples=64, whitening="zca", second_moment="keep")
     prong.reparametrize(x)
     for _ in range(3):
         opt.zero_grad()

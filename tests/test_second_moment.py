@@ -46,7 +46,11 @@ def test_the_policy_is_validated_naming_the_allowed_values():
             Prong(model, opt, optimizer_state=state_policy, second_moment="diagonal")
     for policy in ("keep", "reset", "diagonal"):
         assert Prong(model, opt, second_moment=policy).second_moment == policy
-    assert Prong(model, opt).second_moment == "keep"
+    # the default: "reset" where the moments are transformed; "keep" (no error) where
+    # optimizer_state decides the whole state
+    assert Prong(model, opt).second_moment == "reset"
+    for state_policy in ("reset", "keep"):
+        assert Prong(model, opt, optimizer_state=state_policy).second_moment == "keep"
 
 
 def test_state_dict_carries_the_policy_and_load_warns_when_it_differs():
@@ -55,32 +59,38 @@ def test_state_dict_carries_the_policy_and_load_warns_when_it_differs():
     state = Prong(model, opt, second_moment="diagonal").state_dict()
     assert state["second_moment"] == "diagonal"
     other = Prong(model, opt)
-    with pytest.warns(UserWarning, match=r"second_moment='diagonal' \(constructed with 'keep'\)"):
+    with pytest.warns(UserWarning, match=r"second_moment='diagonal' \(constructed with 'reset'\)"):
         other.load_state_dict(state)
     assert other.second_moment == "diagonal"
     # a checkpoint from before the option: the constructor's stays, without a warning
     older = {k: v for k, v in state.items() if k != "second_moment"}
-    fresh = Prong(model, opt, second_moment="reset")
+    fresh = Prong(model, opt, second_moment="diagonal")
     fresh.load_state_dict(older)
-    assert fresh.second_moment == "reset"
+    assert fresh.second_moment == "diagonal"
+    # ... unless the checkpoint does not transform the moments: then "keep", the only policy there
+    with pytest.warns(UserWarning, match="takes the checkpoint's optimizer_state='reset'"):
+        fresh.load_state_dict(dict(older, optimizer_state="reset"))
+    assert (fresh.second_moment, fresh.optimizer_state) == ("keep", "reset")
     bad = dict(state, optimizer_state="keep")
     with pytest.raises(ValueError, match="state_dict: second_moment='diagonal' applies only"):
         Prong(model, opt).load_state_dict(bad)
 
 
-def test_keep_is_the_default_and_leaves_the_second_moments_bitwise():
+def test_reset_is_the_default_and_keep_leaves_the_second_moments_bitwise():
     runs = []
-    for kwargs in ({}, {"second_moment": "keep"}):
+    for kwargs in ({}, {"second_moment": "reset"}):
         model, opt, prong, shape = _adam_run("cnn", **kwargs)
-        before = _state(opt)
         prong.reparametrize(data(shape, n=64, seed=5))
-        for layer in prong.layers.values():
-            for k in SECOND + ("step",):
-                assert torch.equal(opt.state[layer.V][k], before[layer.V][k]), k
         _update(model, opt, data(shape, n=32, seed=7))
         runs.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+    model, opt, prong, shape = _adam_run("cnn", second_moment="keep")
+    before = _state(opt)
+    prong.reparametrize(data(shape, n=64, seed=5))
+    for layer in prong.layers.values():
+        for k in SECOND + ("step",):
+            assert torch.equal(opt.state[layer.V][k], before[layer.V][k]), k
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "grouped_cnn", "mlp_nobias"])
