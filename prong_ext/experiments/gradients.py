@@ -26,6 +26,7 @@ from torch import nn
 import prong_ext
 
 from . import autoencoder, common, report
+from .methods import REGISTRY
 from .report import Table
 
 KINDS = ("empirical", "sampled")
@@ -100,6 +101,14 @@ def measure(model: nn.Module, x: torch.Tensor, update: int, method: str, seed: i
     return rows
 
 
+def _prong_settings(task, method: str) -> str:
+    """', T=.., eps=..' of a PRONG method (the registry's over the command line's), else ''."""
+    m = REGISTRY[method]
+    if not m.prong:
+        return ""
+    return f", T={m.prong_interval or task.prong.interval}, eps={m.prong_eps or task.prong.eps:g}"
+
+
 def run(args: argparse.Namespace, out) -> dict:
     """Train each method, measuring the spectra at update 0, every --eval-every and at the end;
     gradients.csv and summary.md (the first and the last measurement per method)."""
@@ -134,9 +143,9 @@ def run(args: argparse.Namespace, out) -> dict:
     )
     settings = (
         f"Architecture {'-'.join(map(str, sizes))}, {args.activation} units, {x.shape[0]} training images, "
-        f"batch {task.batch_size}, {args.updates} updates, T={args.interval}, eps={args.eps:g}; "
-        f"S from {probe.shape[0]} images; learning rates "
-        + ", ".join(f"{m} {lr:g}" for m, lr in lrs.items())
+        f"batch {task.batch_size}, {args.updates} updates; S from {probe.shape[0]} images; per method "
+        "its learning rate and (PRONG) Prong's T and eps: "
+        + "; ".join(f"{m} lr {lr:g}{_prong_settings(task, m)}" for m, lr in lrs.items())
         + "."
     )
     body = [
