@@ -119,7 +119,12 @@ def _subcommands() -> dict:
     from .experiments import autoencoder, cnn, fisher, gradients, race, sweep
 
     return {
-        "autoencoder": (autoencoder, "deep auto-encoder: sgd, rmsprop, bn, prong, prong+ (Fig. 3)", IDX_HELP),
+        "autoencoder": (
+            autoencoder,
+            "deep auto-encoder: the paper's sgd, rmsprop, bn, prong, prong+ (Fig. 3), then adam, bn-adam, "
+            "prong-adam-reset",
+            IDX_HELP,
+        ),
         "fisher": (
             fisher,
             "exact Fisher block and its condition number (Fig. 2)",

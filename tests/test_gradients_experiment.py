@@ -99,7 +99,10 @@ def test_the_subcommand_writes_its_rows(tmp_path):
     assert "lambda_1 / mean" in md and "commit" in md
 
 
-def test_probe_samples_must_be_positive(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "argv,message", [(["--probe-samples", "0"], "--probe-samples"), (["--loss", "mse"], "--loss")]
+)
+def test_bad_options_are_usage_errors(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as e:
-        cli.main(["gradients", "--out", str(tmp_path), "--quiet", "--probe-samples", "0"])
-    assert e.value.code == 2 and "--probe-samples" in capsys.readouterr().err
+        cli.main(["gradients", "--out", str(tmp_path), "--quiet", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err

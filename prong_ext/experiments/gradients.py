@@ -114,6 +114,10 @@ def run(args: argparse.Namespace, out) -> dict:
     gradients.csv and summary.md (the first and the last measurement per method)."""
     if args.probe_samples <= 0:
         raise common.UsageError(f"--probe-samples must be > 0, got {args.probe_samples}")
+    if args.loss != "ce":
+        raise common.UsageError(
+            f"--loss {args.loss}: the measurement is of the cross-entropy's gradients (--loss ce)"
+        )
     ds, x = common.train_rows(args)
     sizes = autoencoder.architecture(args.arch, x.shape[1], ds.name)
     every = common.eval_every(args, 4)
