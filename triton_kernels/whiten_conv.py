@@ -63,6 +63,35 @@ def _row_tile_i32(pid, n_col_tiles, O, I, T, KW, BLOCK_R: tl.constexpr, BLOCK_C:
 
 
 @triton.jit
+def _tap_rows(
+    pid,
+    n_col_tiles,
+    O,
+    I,
+    T,
+    KW,
+    stride_o,
+    stride_kh,
+    stride_kw,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    ROWS_I32: tl.constexpr,
+):
+    """The row tile of `_row_tile_i32` (ROWS_I32) or `_row_tile`: rows, cols, their masks, o, t,
+    and each row's offset o * stride_o + kh * stride_kh + kw * stride_kw in a (O, I, kh, kw)
+    tensor."""
+    if ROWS_I32:
+        rows, cols, mask_r, mask_c, o, t, kh_kw = _row_tile_i32(
+            pid, n_col_tiles, O, I, T, KW, BLOCK_R, BLOCK_C
+        )
+        row = o * stride_o + kh_kw[0] * stride_kh + kh_kw[1] * stride_kw
+    else:
+        rows, cols, mask_r, mask_c, o, t = _row_tile(pid, n_col_tiles, O, I, T, BLOCK_R, BLOCK_C)
+        row = o * stride_o + (t // KW) * stride_kh + (t % KW) * stride_kw
+    return rows, cols, mask_r, mask_c, o, t, row
+
+
+@triton.jit
 def fold_kernel(
     v_ptr,
     d_ptr,
@@ -116,14 +145,9 @@ def fold_kernel(
     else:
         acc_ty = tl.float32
     if pid < n_w_programs:
-        if ROWS_I32:
-            rows, cols, mask_r, mask_c, o, t, kh_kw = _row_tile_i32(
-                pid, n_col_tiles, O, I, T, KW, BLOCK_R, BLOCK_I
-            )
-            v_row = o * stride_vo + kh_kw[0] * stride_vkh + kh_kw[1] * stride_vkw
-        else:
-            rows, cols, mask_r, mask_c, o, t = _row_tile(pid, n_col_tiles, O, I, T, BLOCK_R, BLOCK_I)
-            v_row = o * stride_vo + (t // KW) * stride_vkh + (t % KW) * stride_vkw
+        rows, cols, mask_r, mask_c, o, t, v_row = _tap_rows(
+            pid, n_col_tiles, O, I, T, KW, stride_vo, stride_vkh, stride_vkw, BLOCK_R, BLOCK_I, ROWS_I32
+        )
         if HALF_DOT:  # V and U multiplied in their own 16-bit dtype
             dot_ty = v_ptr.dtype.element_ty
         else:
@@ -234,14 +258,9 @@ def fold_bwd_kernel(
         acc_ty = tl.float64
     else:
         acc_ty = tl.float32
-    if ROWS_I32:
-        rows, cols, mask_r, mask_c, o, t, kh_kw = _row_tile_i32(
-            pid, n_col_tiles, O, I, T, KW, BLOCK_R, BLOCK_J
-        )
-        gw_row = o * stride_gwo + kh_kw[0] * stride_gwkh + kh_kw[1] * stride_gwkw
-    else:
-        rows, cols, mask_r, mask_c, o, t = _row_tile(pid, n_col_tiles, O, I, T, BLOCK_R, BLOCK_J)
-        gw_row = o * stride_gwo + (t // KW) * stride_gwkh + (t % KW) * stride_gwkw
+    rows, cols, mask_r, mask_c, o, t, gw_row = _tap_rows(
+        pid, n_col_tiles, O, I, T, KW, stride_gwo, stride_gwkh, stride_gwkw, BLOCK_R, BLOCK_J, ROWS_I32
+    )
     gb = tl.load(gb_ptr + o * stride_gb, mask=mask_r, other=0.0)
     gb_acc = gb.to(acc_ty)
     acc = tl.zeros((BLOCK_R, BLOCK_J), dtype=acc_ty)
