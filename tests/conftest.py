@@ -27,3 +27,16 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def device(request):
+    """The device a Triton kernel test runs on: CPU tensors under the interpreter, CUDA tensors
+    with the compiled kernels (a module may define its own `device`)."""
+    from prong_ext import _triton_ops
+
+    if request.param == "cpu" and not _triton_ops.INTERPRETED:
+        pytest.skip("CPU tensors run the kernels only under TRITON_INTERPRET=1")
+    if request.param == "cuda" and _triton_ops.INTERPRETED:
+        pytest.skip("run with TRITON_INTERPRET=0 to test the compiled kernels")
+    return request.param

@@ -32,15 +32,6 @@ BAD = "precision='fast' is not one of \\('ieee', 'tf32x3'\\)"
 HALF = (torch.float16, torch.bfloat16)
 
 
-@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
-def device(request):
-    if request.param == "cpu" and not triton_ops.INTERPRETED:
-        pytest.skip("CPU tensors run the kernels only under TRITON_INTERPRET=1")
-    if request.param == "cuda" and triton_ops.INTERPRETED:
-        pytest.skip("run with TRITON_INTERPRET=0 to test the compiled kernels")
-    return request.param
-
-
 @pytest.fixture
 def gpu():
     """The compiled kernels on CUDA, with torch's matmuls at full precision: no TF32 and no

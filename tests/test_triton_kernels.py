@@ -26,16 +26,6 @@ from prong_ext.triton_kernels.whiten_conv import (
     fold_weights_launch,
 )
 
-
-@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
-def device(request):
-    if request.param == "cpu" and not ops.INTERPRETED:
-        pytest.skip("CPU tensors run the kernels only under TRITON_INTERPRET=1")
-    if request.param == "cuda" and ops.INTERPRETED:
-        pytest.skip("run with TRITON_INTERPRET=0 to test the compiled kernels")
-    return request.param
-
-
 # --- float64 references ------------------------------------------------------------------------
 
 
