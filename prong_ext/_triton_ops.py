@@ -35,7 +35,7 @@ from triton.runtime.jit import JITFunction
 
 from . import _common
 from ._common import full_precision
-from .triton_kernels.covariance import cov_accum_kernel, cov_accumulate_launch
+from .triton_kernels.covariance import cov_accum_kernel, cov_accumulate_launches
 from .triton_kernels.whiten_conv import (
     accumulates_in_f64,
     fold_bwd_kernel,
@@ -100,13 +100,15 @@ def _runs_triton(t: Tensor) -> bool:
 def _cov_accumulate_impl(
     x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor, allow_tf32: bool = False, precision: str = "ieee"
 ) -> None:
-    launch = cov_accumulate_launch(x, shift, s1, s2, allow_tf32=allow_tf32, precision=precision)
-    if launch is None:
+    launches = cov_accumulate_launches(x, shift, s1, s2, allow_tf32=allow_tf32, precision=precision)
+    if not launches:
         return
     if not _runs_triton(x):
         _cov_torch(x, shift, s1, s2)
         return
-    _launch(cov_accum_kernel, *launch)
+    for launch in launches:
+        _launch(cov_accum_kernel, launch.grid, launch.kwargs)
+        launch.finish()
 
 
 def _fold_impl(

@@ -19,7 +19,7 @@ from prong_ext import _triton_ops as triton_ops
 from prong_ext import nn as pnn
 from prong_ext import ops, reference
 from prong_ext._common import rows
-from prong_ext.triton_kernels.covariance import cov_accum_kernel, cov_accumulate_launch
+from prong_ext.triton_kernels.covariance import MAX_ROWS, cov_accum_kernel, cov_accumulate_launches
 from prong_ext.triton_kernels.precision import PRECISIONS
 from prong_ext.triton_kernels.whiten_conv import (
     fold_bwd_kernel,
@@ -149,7 +149,7 @@ def test_bad_values_raise_naming_the_option_and_the_allowed_values():
         lambda: triton_ops.cov_accumulate(x, torch.zeros(3), s1, s2, precision="fast"),
         lambda: triton_ops.fold(V, None, U, c, precision="fast"),
         lambda: triton_ops.fold_backward(V, torch.zeros(4), U, c, precision="fast"),
-        lambda: cov_accumulate_launch(x, torch.zeros(3), s1, s2, precision="fast"),
+        lambda: cov_accumulate_launches(x, torch.zeros(3), s1, s2, precision="fast"),
         lambda: fold_weights_launch(V, None, U, c, V.clone(), torch.zeros(4), precision="fast"),
         lambda: fold_weights_backward_launch(
             V, torch.zeros(4), U, c, V.clone(), torch.zeros(4), precision="fast"
@@ -319,22 +319,22 @@ def test_gradcheck_with_tf32x3(device):
 
 # --- the tf32x3 tiles compute the right sums ---------------------------------------------------
 # In the interpreter these dots are float32 numpy matmuls: the bounds below are those of float32
-# sums in any order (Higham 3.1), and hold for the tiles, row blocks, row splits, int64 row indices
-# and 16-bit operands of the tf32x3 launches. On a GPU the contract tests below are the ones.
+# sums in any order (Higham 3.1), and hold for the tiles, row blocks, row splits, inputs cut into
+# several launches and 16-bit operands of the tf32x3 launches. On a GPU the contract tests below are the ones.
 
 
 @pytest.mark.parametrize(
-    ("shape", "layout", "splits", "rows_i64"),
+    ("shape", "layout", "splits", "max_rows", "n_launches"),
     [
-        ((45, 3), "2d", None, False),
-        ((4, 40, 4, 5), "nchw", 3, False),
-        ((3, 70, 4, 4), "channels_last", 2, True),
-        ((130, 129), "2d", None, True),
+        ((45, 3), "2d", None, MAX_ROWS, 1),
+        ((4, 40, 4, 5), "nchw", 3, MAX_ROWS, 1),
+        ((3, 70, 4, 4), "channels_last", 2, 32, 2),  # two images a launch, then one
+        ((130, 129), "2d", None, 50, 3),
     ],
     ids=str,
 )
 @pytest.mark.parametrize("dtype", [torch.float32, *HALF])
-def test_tf32x3_covariance_tiles(device, shape, layout, splits, rows_i64, dtype):
+def test_tf32x3_covariance_tiles(device, shape, layout, splits, max_rows, n_launches, dtype):
     if device == "cuda" and dtype != torch.float32:
         pytest.skip("the contract tests cover 16-bit inputs on CUDA")
     x = make_x(shape, layout, dtype, device)
@@ -348,11 +348,14 @@ def test_tf32x3_covariance_tiles(device, shape, layout, splits, rows_i64, dtype)
     e1, e2 = yc.sum(0) + s1.double(), yc.T @ yc + s2.double()
     g = 2 * gamma(y.shape[0] + 2)
     b1, b2 = g * (yc.abs().sum(0) + s1.double().abs()), g * (yc.abs().T @ yc.abs() + s2.double().abs())
-    grid, kwargs = cov_accumulate_launch(
-        x, shift, s1, s2, precision="tf32x3", num_splits=splits, rows_i64=rows_i64
+    launches = cov_accumulate_launches(
+        x, shift, s1, s2, precision="tf32x3", num_splits=splits, max_rows=max_rows
     )
-    assert kwargs["ROWS_I64"] is rows_i64 and (splits is None or grid[1] == splits)
-    cov_accum_kernel[grid](**kwargs)
+    assert len(launches) == n_launches
+    assert splits is None or launches[0].grid[1] == splits
+    for launch in launches:
+        cov_accum_kernel[launch.grid](**launch.kwargs)
+        launch.finish()
     assert_within(s1, e1, b1, "s1")
     assert_within(s2, e2, b2, "s2")
 

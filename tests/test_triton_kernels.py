@@ -16,7 +16,12 @@ from prong_ext import ops as prong_ops
 from prong_ext import reference
 from prong_ext._common import finalize
 from prong_ext.triton_kernels import covariance as cov_module
-from prong_ext.triton_kernels.covariance import cov_accum_kernel, cov_accumulate, cov_accumulate_launch
+from prong_ext.triton_kernels.covariance import (
+    MAX_ROWS,
+    cov_accum_kernel,
+    cov_accumulate,
+    cov_accumulate_launches,
+)
 from prong_ext.triton_kernels.whiten_conv import (
     fold_bwd_kernel,
     fold_kernel,
@@ -109,10 +114,12 @@ LAYOUTS = ["2d", "2d_sliced", "nchw", "channels_last", "nchw_sliced"]
 
 
 def launch_cov(x, shift, s1, s2, **kw):
-    launch = cov_accumulate_launch(x, shift, s1, s2, **kw)
-    grid, kwargs = launch
-    cov_accum_kernel[grid](**kwargs)
-    return grid
+    """Runs the launches of cov_accumulate_launches(**kw); returns them."""
+    launches = cov_accumulate_launches(x, shift, s1, s2, **kw)
+    for launch in launches:
+        cov_accum_kernel[launch.grid](**launch.kwargs)
+        launch.finish()
+    return launches
 
 
 @pytest.mark.parametrize("C", [1, 3, 17, 123, 257])
@@ -132,26 +139,78 @@ def test_cov_accumulate_matches_float64(device, C, layout):
         assert torch.equal(s2, s2.T)
 
 
-@pytest.mark.parametrize("rows_i64", [False, True], ids=["rows_i32", "rows_i64"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomics", "two_stage"])
 @pytest.mark.parametrize(
     ("C", "layout", "block_c", "splits"),
     [(3, "2d", 16, 3), (17, "nchw", 16, 2), (40, "channels_last", 16, 3), (123, "2d_sliced", 32, 3)],
 )
-def test_cov_accumulate_tiles_and_row_splits(device, C, layout, block_c, splits, rows_i64):
-    """Several upper tiles, their mirrors and the atomic path of several row splits; with int64
-    row indices too (the path of inputs past 2^31 rows, forced here on small ones)."""
+def test_cov_accumulate_tiles_and_row_splits(device, C, layout, block_c, splits, deterministic):
+    """Several upper tiles, their mirrors and several row splits, added with atomics or (as under
+    deterministic algorithms) each into its own slice, summed after the launch."""
     x = make_x(layout, C, 37 if layout != "2d_sliced" else 45, device=device)
     shift = rows64(x)[0].float()
     s1, s2 = torch.randn(C, device=device), sym(C, device)
     e1, e2 = shifted_sums64(x, shift)
     e1, e2 = e1 + s1.double(), e2 + s2.double()
     b1, b2 = shifted_sums_bound(x, shift, s1, s2)
-    grid = launch_cov(x, shift, s1, s2, block_r=16, block_c=block_c, num_splits=splits, rows_i64=rows_i64)
+    (launch,) = launch_cov(
+        x, shift, s1, s2, block_r=16, block_c=block_c, num_splits=splits, deterministic=deterministic
+    )
     n_col = -(-C // block_c)
-    assert grid == (n_col * (n_col + 1) // 2, splits)
+    assert launch.grid == (n_col * (n_col + 1) // 2, splits)
+    assert launch.kwargs["USE_ATOMICS"] is not deterministic
+    assert (launch.partials is not None) is deterministic
     assert_within(s1, e1, b1)
     assert_within(s2, e2, b2)
-    torch.testing.assert_close(s2, s2.T, rtol=1e-6, atol=1e-5)
+    if deterministic:
+        assert torch.equal(s2, s2.T)
+    else:
+        torch.testing.assert_close(s2, s2.T, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("layout", "shape", "max_rows", "chunks"),
+    [
+        ("2d", (45, 5), 16, [16, 16, 13]),  # slices of M
+        ("nchw", (5, 5, 3, 3), 20, [18, 18, 9]),  # two images a launch
+        ("channels_last", (2, 5, 5, 4), 9, [8, 8, 4] * 2),  # an image in rows h, two at a time
+        ("nchw_sliced", (3, 5, 4, 3), 5, [3] * 12),  # one row h at a time
+    ],
+)
+def test_cov_accumulate_cuts_inputs_past_max_rows(device, layout, shape, max_rows, chunks):
+    """Inputs of more than max_rows rows (MAX_ROWS = 2^30 by default) take one launch per slice of
+    the batch, or of an image's rows h, each with int32 row indices; the sums are those of the
+    whole input. With several row splits per launch, and two-stage."""
+    N, C = shape[0], shape[1]
+    x = torch.randn(shape, dtype=torch.float64) + 0.5
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "nchw_sliced":
+        x = (torch.randn(2 * N, C, shape[2] + 2, 2 * shape[3], dtype=torch.float64) + 0.5)[::2, :, 1:-1, ::2]
+    x = x.float().to(device)
+    shift = rows64(x)[0].float()
+    for deterministic in (False, True):
+        s1, s2 = torch.randn(C, device=device), sym(C, device)
+        e1, e2 = shifted_sums64(x, shift)
+        e1, e2 = e1 + s1.double(), e2 + s2.double()
+        b1, b2 = shifted_sums_bound(x, shift, s1, s2)
+        launches = launch_cov(
+            x, shift, s1, s2, block_r=2, max_rows=max_rows, num_splits=2, deterministic=deterministic
+        )
+        assert [launch.kwargs["M"] for launch in launches] == chunks
+        assert_within(s1, e1, b1)
+        assert_within(s2, e2, b2)
+
+
+def test_cov_accumulate_max_rows_errors():
+    s1, s2 = torch.zeros(3), torch.zeros(3, 3)
+    x = torch.randn(2, 3, 2, 5)
+    with pytest.raises(ValueError, match=r"a row of W = 5 positions cannot be cut"):
+        cov_accumulate_launches(x, torch.zeros(3), s1, s2, max_rows=4)
+    for bad in (0, MAX_ROWS + 1):
+        with pytest.raises(ValueError, match=r"max_rows must be in \[1, 1073741824\]"):
+            cov_accumulate_launches(x, torch.zeros(3), s1, s2, max_rows=bad)
+    assert len(cov_accumulate_launches(x, torch.zeros(3), s1, s2, max_rows=5)) == 4
 
 
 @pytest.fixture
@@ -192,8 +251,8 @@ def test_cov_accumulate_conv_batch_default_launch(device, programs):
     C = shape[1]
     shift = x[0, :, 0, 0].contiguous()
     s1, s2 = torch.zeros(C, device=device), torch.zeros(C, C, device=device)
-    grid, _ = cov_accumulate_launch(x, shift, s1, s2)
-    assert grid[1] > 1
+    (launch,) = cov_accumulate_launches(x, shift, s1, s2)
+    assert launch.grid[1] > 1 and launch.kwargs["USE_ATOMICS"]
     e1, e2 = shifted_sums64(x, shift)
     b1, b2 = shifted_sums_bound(x, shift, s1, s2)
     cov_accumulate(x, shift, s1, s2)
@@ -201,16 +260,22 @@ def test_cov_accumulate_conv_batch_default_launch(device, programs):
     assert_within(s2, e2, b2)
 
 
-def test_cov_accumulate_deterministic_is_one_split_and_bitwise_reproducible(device, programs, deterministic):
+def test_cov_accumulate_deterministic_is_two_stage_and_bitwise_reproducible(device, programs, deterministic):
+    """Under deterministic algorithms as many row splits as with atomics, each written to its own
+    slice and summed after the launch: the same sums bit for bit on every run, s2 exactly
+    symmetric."""
     programs(device)
     C = 8
     x = make_x("channels_last", C, 4096, device=device)
     shift = rows64(x)[0].float()
     s1, s2 = torch.zeros(C, device=device), torch.zeros(C, C, device=device)
-    assert cov_accumulate_launch(x, shift, s1, s2)[0][1] > 1  # several splits by default
+    (free,) = cov_accumulate_launches(x, shift, s1, s2)
+    assert free.grid[1] > 1 and free.kwargs["USE_ATOMICS"] and free.partials is None
     runs = []
     with deterministic():
-        assert cov_accumulate_launch(x, shift, s1, s2)[0] == (1, 1)
+        (launch,) = cov_accumulate_launches(x, shift, s1, s2)
+        assert launch.grid == free.grid and not launch.kwargs["USE_ATOMICS"]
+        assert [tuple(p.shape) for p in launch.partials] == [(launch.grid[1], C), (launch.grid[1], C, C)]
         for _ in range(2):
             s1, s2 = torch.zeros(C, device=device), torch.zeros(C, C, device=device)
             ops.cov_accumulate(x, shift, s1, s2)
@@ -225,11 +290,12 @@ def test_cov_accumulate_deterministic_is_one_split_and_bitwise_reproducible(devi
 
 
 @pytest.mark.cuda
-def test_cov_accumulate_past_2_31_rows():
-    """2^31 + 2^20 rows, int64 row indices and several splits: 2049 copies of one 1024 x 1024
-    image (a stride-0 batch dim, 8 MB). Its rows are the shift but for a few that differ by +-1,
-    so every partial sum is an integer below 2^24, exact in float32 in any order: the sums must be
-    exactly 2049 times the image's."""
+def test_cov_accumulate_past_2_31_rows(deterministic):
+    """2^31 + 2^20 rows: 2049 copies of one 1024 x 1024 image (a stride-0 batch dim, 8 MB), in
+    three launches of at most 2^30 rows, each with several row splits (atomics, and two-stage
+    under deterministic algorithms). The image's rows are the shift but for a few that differ by
+    +-1, so every partial sum is an integer below 2^24, exact in float32 in any order: the sums
+    must be exactly 2049 times the image's."""
     if ops.INTERPRETED:
         pytest.skip("run with TRITON_INTERPRET=0 to test the compiled kernels")
     C, H, W = 2, 1024, 1024
@@ -243,11 +309,14 @@ def test_cov_accumulate_past_2_31_rows():
     e1, e2 = n * y.sum(1), n * (y @ y.T)
     x = image.view(1, C, H, W).cuda().expand(n, C, H, W)
     shift = shift.cuda()
-    s1, s2 = torch.zeros(C, device="cuda"), torch.zeros(C, C, device="cuda")
-    grid, kwargs = cov_accumulate_launch(x, shift, s1, s2)
-    assert kwargs["ROWS_I64"] and kwargs["M"] == n * H * W > 2**31 and grid[1] > 1
-    ops.cov_accumulate(x, shift, s1, s2)
-    assert torch.equal(s1.cpu().double(), e1) and torch.equal(s2.cpu().double(), e2)
+    for context in (contextlib.nullcontext, deterministic):
+        s1, s2 = torch.zeros(C, device="cuda"), torch.zeros(C, C, device="cuda")
+        with context():
+            launches = cov_accumulate_launches(x, shift, s1, s2)
+            assert [launch.kwargs["M"] for launch in launches] == [2**30, 2**30, H * W]
+            assert all(launch.grid[1] > 1 for launch in launches)
+            ops.cov_accumulate(x, shift, s1, s2)
+        assert torch.equal(s1.cpu().double(), e1) and torch.equal(s2.cpu().double(), e2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -1,7 +1,8 @@
 """Triton kernels of prong_ext and their launchers. Installed as `prong_ext.triton_kernels`.
 
-    covariance     `cov_accum_kernel`: shifted sums s1, s2 of a layer input's rows, one launch;
-                   `cov_accumulate_launch` (grid and arguments), `cov_accumulate` (runs it)
+    covariance     `cov_accum_kernel`: shifted sums s1, s2 of a layer input's rows, one launch
+                   per 2^30 rows; `cov_accumulate_launches` (grids and arguments),
+                   `cov_accumulate` (runs them)
     whiten_conv    `fold_kernel`, `fold_bwd_kernel`: W = V U, b = d - W c and its adjoint;
                    `fold_weights_launch`, `fold_weights_backward_launch`, `fold_weights`,
                    `fold_weights_backward`

@@ -42,13 +42,16 @@ _TORCH_TYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
 
 
 def _signature(fn, pointers: dict[str, str], constexprs: dict, int_type: str) -> dict[str, str]:
-    """name -> type string for every argument of fn: pointers as given, constexprs, ints as int_type."""
+    """name -> type string for every argument of fn: pointers as given, constexprs, ints as int_type
+    ("i32", "i64", or "i64s": the strides i64, the other ints i32)."""
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
         elif name in pointers:
             sig[name] = pointers[name]
+        elif int_type == "i64s":
+            sig[name] = "i64" if name.startswith("stride_") else "i32"
         else:
             sig[name] = int_type
     return sig
@@ -59,12 +62,12 @@ def _configs():
     launchers use (num_warps None: Triton's default, 4).
 
     Integer arguments are i32 at run time when they fit (the common case) and specialized to
-    constants when they equal 1 (the row dims R1, R2 of merged layouts); each kernel is also built
-    with i64 integers, the path of tensors past 2^31 elements. The covariance's int64 row indices
-    (ROWS_I64, inputs near or past 2^31 rows) are built for every dtype in both precision modes
-    ("ieee", "tf32x3"), with and without atomics, with i64 integers and with i32 ones (M just
-    below 2^31); the fold's tf32x3 launches, whose rows are split in 32 bits (ROWS_I32), also with
-    int64 ones (weights past 2^31 (o, tap) rows) and i64 integers.
+    constants when they equal 1 (the row dims R1, R2 of merged layouts). The fold kernels are also
+    built with i64 integers, the path of tensors past 2^31 elements; the covariance, whose launches
+    take at most MAX_ROWS = 2^30 rows (sizes in i32), with i64 strides ("i64s": inputs past 2^31
+    elements), for every dtype in both precision modes ("ieee", "tf32x3"), with and without
+    atomics. The fold's tf32x3 launches, whose rows are split in 32 bits (ROWS_I32), are built with
+    int64 ones too (weights past 2^31 (o, tap) rows) and i64 integers.
     """
     rows = {"rows=3d": {}, "rows=2d": {"R1": 1}, "rows=1d": {"R1": 1, "R2": 1}}
     for x in ("fp32", "fp16", "bf16"):
@@ -82,7 +85,6 @@ def _configs():
                         "BLOCK_C": block_c,
                         "INPUT_PRECISION": precision,
                         "USE_ATOMICS": atomics,
-                        "ROWS_I64": False,
                     }
                     warps = cov_num_warps(block_c, precision)
                     for layout, spec in rows.items():
@@ -97,9 +99,7 @@ def _configs():
                             warps,
                         )
                     if block_c == widest and precision != "tf32":
-                        i64_rows = dict(constexprs, ROWS_I64=True)
-                        yield f"{base} rows=i64", cov_accum_kernel, pointers, i64_rows, "i64", warps
-                        yield f"{base} rows=i64", cov_accum_kernel, pointers, i64_rows, "i32", warps
+                        yield f"{base} rows=3d", cov_accum_kernel, pointers, constexprs, "i64s", warps
     for v in ("fp32", "fp16", "bf16", "fp64"):
         f64 = v == "fp64"
         for uc in dict.fromkeys(("fp32", v)):  # buffers in float32, or cast with the module
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             fn=fn, signature=_signature(fn, pointers, constexprs, int_type), constexprs=constexprs
         )
         for arch in args.arch:
-            name = f"{fn.__name__:18s} sm_{arch} {int_type} w{warps or 4} {label:56s}"
+            name = f"{fn.__name__:18s} sm_{arch} {int_type:4s} w{warps or 4} {label:56s}"
             if args.only not in name:
                 continue
             total += 1

@@ -1,16 +1,18 @@
-"""Shifted (numerically centered) first and second moments of layer inputs, in one Triton launch.
+"""Shifted (numerically centered) first and second moments of layer inputs, one Triton launch per 2^30 rows.
 
     s1 += sum_r (x_r - shift)                      (C,)
     s2 += sum_r (x_r - shift) (x_r - shift)^T      (C, C)
 
 Rows r are the samples: the rows of an (M, C) input, or every spatial position of every image of an
-(N, C, H, W) input. Kernel `cov_accum_kernel`; its launch `cov_accumulate_launch` (grid and keyword
-arguments, for `wrap_triton`) and the launcher that runs it, `cov_accumulate`. The mean and the
-covariance of n rows follow from the sums: mean = shift + s1 / n, cov = s2 / n - (s1 / n)(s1 / n)^T.
+(N, C, H, W) input. Kernel `cov_accum_kernel`; its launches `cov_accumulate_launches` (grids and
+keyword arguments, for `wrap_triton`, one per MAX_ROWS rows) and the launcher that runs them,
+`cov_accumulate`. The mean and the covariance of n rows follow from the sums: mean = shift + s1 / n,
+cov = s2 / n - (s1 / n)(s1 / n)^T.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -20,15 +22,17 @@ import triton.language as tl
 from .precision import check_precision
 
 __all__ = [
+    "CovLaunch",
     "DEFAULT_BLOCK_C",
     "DEFAULT_BLOCK_R",
+    "MAX_ROWS",
     "TF32X3_BLOCK_C",
     "TF32X3_BLOCK_R",
     "TF32X3_WIDE_WARPS",
     "block_sizes",
     "cov_accum_kernel",
     "cov_accumulate",
-    "cov_accumulate_launch",
+    "cov_accumulate_launches",
     "num_warps",
 ]
 
@@ -42,8 +46,8 @@ DEFAULT_BLOCK_R = 32
 DEFAULT_BLOCK_C = 32
 # Tiles of precision="tf32x3" (tensor cores): 64 x 64 tiles of s2 read each row of x half as often
 # as 32 x 32 ones; each dot reduces 16 rows from zero, added to the tile with round-to-nearest
-# (precision.py). With 8 warps no spills on sm_80 or sm_90 under Triton 3.6 and 3.8, int64 row
-# indices included (with 4 warps they reach 255 registers and spill); 32 rows per dot spill with 4
+# (precision.py). With 8 warps no spills on sm_80 or sm_90 under Triton 3.6 and 3.8, i64 strides
+# included (with 4 warps they reach 255 registers and spill); 32 rows per dot spill with 4
 # warps, 128-wide tiles with 8. Under torch.compile, wrap_triton turns the num_warps launch option
 # into a one-config autotune (torch 2.13); were it dropped, the kernel would run with 4 warps: the
 # same sums, with spills.
@@ -88,12 +92,13 @@ def cov_accum_kernel(
     stride_s1,
     stride_s2_0,
     stride_s2_1,
+    stride_s1_split,
+    stride_s2_split,
     rows_per_split,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     USE_ATOMICS: tl.constexpr,
-    ROWS_I64: tl.constexpr,
 ):
     """Adds one row split's shifted moments to one upper tile of s2 (and its mirror) and to s1.
 
@@ -108,9 +113,11 @@ def cov_accum_kernel(
     channels_last: (n * H * W + h * W + w, 0, 0)).
 
     Grid: (T * (T + 1) / 2, splits) with T = cdiv(C, BLOCK_C); axis 0 enumerates the upper tiles
-    (ti, tj), axis 1 the contiguous row ranges [split * rows_per_split, ...). With one split the
-    update is a plain read-modify-write (deterministic, s2 exactly symmetric); with several the
-    partial sums are added with relaxed atomics.
+    (ti, tj), axis 1 the contiguous row ranges [split * rows_per_split, ...). Split k updates
+    s1 + k * stride_s1_split and s2 + k * stride_s2_split. With one split, or with nonzero split
+    strides (each split its own slice, summed by the launcher afterwards), the update is a plain
+    read-modify-write (deterministic, s2 exactly symmetric); with several splits into one (s1, s2)
+    (USE_ATOMICS) the partial sums are added with relaxed atomics.
 
     INPUT_PRECISION is tl.dot's: "ieee" (FMA products), "tf32x3" or "tf32" (tensor cores;
     precision.py). The products are of the float32 values y, whatever x's dtype.
@@ -133,12 +140,9 @@ def cov_accum_kernel(
 
     acc = tl.zeros((BLOCK_C, BLOCK_C), dtype=tl.float32)
     acc_s1 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    # Row indices (and their split into r0, r1, r2) in int32 unless they can pass 2^31; the
-    # element offsets are int64 either way. R1 = 1 or R2 = 1 specialize the divisions away.
-    if ROWS_I64:
-        row_lo = pid_s.to(tl.int64) * rows_per_split
-    else:
-        row_lo = pid_s * rows_per_split
+    # Row indices and their split into (r0, r1, r2) in int32 (the launcher keeps M <= MAX_ROWS);
+    # the element offsets in int64. R1 = 1 or R2 = 1 specialize the divisions away.
+    row_lo = pid_s * rows_per_split
     row_hi = tl.minimum(row_lo + rows_per_split, M)
     for r_start in range(row_lo, row_hi, BLOCK_R):
         rows = r_start + tl.arange(0, BLOCK_R)
@@ -163,6 +167,9 @@ def cov_accum_kernel(
     # A diagonal tile is symmetric in exact arithmetic; make it so bit for bit.
     acc = tl.where(diag, (acc + tl.trans(acc)) * 0.5, acc)
     m_tile = mask_i[:, None] & mask_j[None, :]
+    # Split pid_s adds into its own slice of (s1, s2) when the split strides are not zero
+    s1_ptr += pid_s.to(tl.int64) * stride_s1_split
+    s2_ptr += pid_s.to(tl.int64) * stride_s2_split
     p_up = s2_ptr + offs_i[:, None] * stride_s2_0 + offs_j[None, :] * stride_s2_1
     p_lo = s2_ptr + offs_j[None, :] * stride_s2_0 + offs_i[:, None] * stride_s2_1
     p_s1 = s1_ptr + offs_i * stride_s1
@@ -237,7 +244,117 @@ def _check(x: torch.Tensor, shift: torch.Tensor, s1: torch.Tensor, s2: torch.Ten
     return C
 
 
-def cov_accumulate_launch(
+#: The most rows one launch takes, so that its row indices and their (r0, r1, r2) split stay in
+#: int32 (a 64-bit division is a subroutine call, and its frame spills the tiles). Larger inputs
+#: are cut into several launches (`cov_accumulate_launches`).
+MAX_ROWS = 2**30
+
+
+def _row_chunks(x: torch.Tensor, max_rows: int) -> list[torch.Tensor]:
+    """Views of x, in row order, of at most max_rows rows each: slices of the batch dim (M of an
+    (M, C) input, N of an (N, C, H, W) one), or of one image's h when an image has more than
+    max_rows positions."""
+    if x.dim() == 2:
+        return [x[m : m + max_rows] for m in range(0, x.shape[0], max_rows)]
+    N, _, H, W = x.shape
+    if H * W <= max_rows:
+        images = max_rows // (H * W)
+        return [x[n : n + images] for n in range(0, N, images)]
+    if W > max_rows:
+        raise ValueError(
+            f"x is {tuple(x.shape)}: one launch takes at most {max_rows} rows, and a row of W = {W} "
+            "positions cannot be cut"
+        )
+    heights = max_rows // W
+    return [x[n : n + 1, :, h : h + heights] for n in range(N) for h in range(0, H, heights)]
+
+
+@dataclasses.dataclass(frozen=True)
+class CovLaunch:
+    """One launch of `cov_accum_kernel`: its grid and keyword arguments, and for a two-stage
+    (deterministic) reduction the per-split partial sums ((splits, C), (splits, C, C)) it writes
+    and the (s1, s2) that `finish` adds them to."""
+
+    grid: tuple[int, int]
+    kwargs: dict
+    partials: tuple[torch.Tensor, torch.Tensor] | None = None
+    out: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def finish(self) -> None:
+        """Adds the partial sums to (s1, s2), after the launch (on its stream); nothing when the
+        launch added to them itself. torch's sum over the splits is deterministic; s2 gets the
+        upper triangle of that sum and its mirror, so it stays exactly symmetric."""
+        if self.partials is None:
+            return
+        (p1, p2), (s1, s2) = self.partials, self.out
+        s1.add_(p1.sum(0))
+        t2 = p2.sum(0)
+        s2.add_(t2.triu() + t2.triu(1).mT)
+
+
+def _launch_rows(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    s1: torch.Tensor,
+    s2: torch.Tensor,
+    *,
+    input_precision: str,
+    tiles: tuple[int, int],
+    num_splits: int | None,
+    deterministic: bool,
+) -> CovLaunch:
+    """The launch for an x of at most MAX_ROWS rows (and at least one)."""
+    C = x.shape[1]
+    M, (_, R1, R2), (sr0, sr1, sr2), stride_c = _row_layout(x)
+    block_r, block_c = tiles
+    n_col = triton.cdiv(C, block_c)
+    n_tiles = n_col * (n_col + 1) // 2
+    row_blocks = triton.cdiv(M, block_r)
+    if num_splits is None:
+        target = _target_programs(x)
+        # at least 16 row blocks per split, so the partial sums stay a small part of the work
+        splits = 1 if target is None else min(triton.cdiv(target, n_tiles), triton.cdiv(row_blocks, 16))
+    else:
+        splits = num_splits
+    splits = max(1, min(splits, row_blocks))
+    rows_per_split = triton.cdiv(row_blocks, splits) * block_r
+    splits = triton.cdiv(M, rows_per_split)
+    partials = None
+    if deterministic and splits > 1:  # each split its own slice, summed by CovLaunch.finish
+        partials = (s1.new_zeros(splits, C), s2.new_zeros(splits, C, C))
+    o1, o2 = partials or (s1[None], s2[None])
+    kwargs = dict(
+        x_ptr=x,
+        shift_ptr=shift,
+        s1_ptr=o1,
+        s2_ptr=o2,
+        M=M,
+        C=C,
+        R1=R1,
+        R2=R2,
+        stride_r0=sr0,
+        stride_r1=sr1,
+        stride_r2=sr2,
+        stride_xc=stride_c,
+        stride_shift=shift.stride(0),
+        stride_s1=o1.stride(1),
+        stride_s2_0=o2.stride(1),
+        stride_s2_1=o2.stride(2),
+        stride_s1_split=o1.stride(0) if partials else 0,
+        stride_s2_split=o2.stride(0) if partials else 0,
+        rows_per_split=rows_per_split,
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        INPUT_PRECISION=input_precision,
+        USE_ATOMICS=splits > 1 and partials is None,
+    )
+    warps = num_warps(block_c, "tf32x3" if input_precision == "tf32x3" else "ieee")
+    if warps is not None:
+        kwargs["num_warps"] = warps
+    return CovLaunch((n_tiles, splits), kwargs, partials, (s1, s2) if partials else None)
+
+
+def cov_accumulate_launches(
     x: torch.Tensor,
     shift: torch.Tensor,
     s1: torch.Tensor,
@@ -248,77 +365,58 @@ def cov_accumulate_launch(
     block_r: int | None = None,
     block_c: int | None = None,
     num_splits: int | None = None,
-    rows_i64: bool | None = None,
-) -> tuple[tuple[int, int], dict] | None:
-    """The launch of `cov_accumulate`: (grid, kernel keyword arguments), or None when x has no rows.
+    deterministic: bool | None = None,
+    max_rows: int = MAX_ROWS,
+) -> list[CovLaunch]:
+    """The launches of `cov_accumulate`, in order: none when x has no rows, one per MAX_ROWS rows.
 
-    `torch.library.triton_op` callers launch `wrap_triton(cov_accum_kernel)[grid](**kwargs)`.
+    Run each as `cov_accum_kernel[launch.grid](**launch.kwargs)` (`torch.library.triton_op`
+    callers: `wrap_triton(cov_accum_kernel)[launch.grid](**launch.kwargs)`), then
+    `launch.finish()`.
 
     Row splits: on CUDA enough to give every SM about four programs, each of at least 16 row
-    blocks, their partial sums added with atomics (in no fixed order); one split, a plain
-    read-modify-write, under `torch.use_deterministic_algorithms(True)`, so that the sums are
-    bitwise reproducible (at the price of fewer programs: T (T + 1) / 2 for T column tiles).
+    blocks. Their partial sums are added with atomics (in no fixed order), or, when deterministic
+    (by default under `torch.use_deterministic_algorithms(True)`), written each to its own slice
+    and summed afterwards (`CovLaunch.finish`), so that the sums are bitwise reproducible with as
+    many programs.
 
     precision ("ieee" or "tf32x3", precision.py) picks the products, the default tiles
     (`block_sizes`) and the warps (`num_warps`, in kwargs when not Triton's default). allow_tf32
     (single TF32 products, about 3 significant digits, no accuracy contract) keeps the tiles of
     precision="ieee" and cannot be combined with "tf32x3".
 
-    block_r, block_c, num_splits and rows_i64 (int64 row indices, the path of inputs past 2^31
-    rows) override the heuristics; tests use them to reach every path with small inputs.
+    block_r, block_c, num_splits and max_rows (at most MAX_ROWS) override the heuristics; tests
+    use them to reach every path with small inputs.
+
+    Raises:
+        ValueError: a bad precision or max_rows, or an image row (W positions) longer than max_rows.
     """
     check_precision(precision)
     if allow_tf32 and precision != "ieee":
         raise ValueError(f"allow_tf32=True asks for single TF32 products; it cannot go with {precision=}")
+    if not 0 < max_rows <= MAX_ROWS:
+        raise ValueError(f"max_rows must be in [1, {MAX_ROWS}], got {max_rows}")
     C = _check(x, shift, s1, s2)
-    M, (_, R1, R2), (sr0, sr1, sr2), stride_c = _row_layout(x)
-    if M == 0 or C == 0:
-        return None
+    if x.numel() == 0:
+        return []
     default_r, default_c = block_sizes(C, precision)
-    block_r = default_r if block_r is None else block_r
-    block_c = default_c if block_c is None else block_c
-    n_col = triton.cdiv(C, block_c)
-    n_tiles = n_col * (n_col + 1) // 2
-    row_blocks = triton.cdiv(M, block_r)
-    if num_splits is None:
-        target = _target_programs(x)
-        if target is None or torch.are_deterministic_algorithms_enabled():
-            num_splits = 1
-        else:  # at least 16 row blocks per split, so the atomics stay a small part of the work
-            num_splits = max(1, min(triton.cdiv(target, n_tiles), triton.cdiv(row_blocks, 16)))
-    num_splits = max(1, min(num_splits, row_blocks))
-    rows_per_split = triton.cdiv(row_blocks, num_splits) * block_r
-    num_splits = triton.cdiv(M, rows_per_split)
-    if rows_i64 is None:
-        rows_i64 = M + rows_per_split >= 2**31
-    kwargs = dict(
-        x_ptr=x,
-        shift_ptr=shift,
-        s1_ptr=s1,
-        s2_ptr=s2,
-        M=M,
-        C=C,
-        R1=R1,
-        R2=R2,
-        stride_r0=sr0,
-        stride_r1=sr1,
-        stride_r2=sr2,
-        stride_xc=stride_c,
-        stride_shift=shift.stride(0),
-        stride_s1=s1.stride(0),
-        stride_s2_0=s2.stride(0),
-        stride_s2_1=s2.stride(1),
-        rows_per_split=rows_per_split,
-        BLOCK_R=block_r,
-        BLOCK_C=block_c,
-        INPUT_PRECISION="tf32" if allow_tf32 else precision,
-        USE_ATOMICS=num_splits > 1,
-        ROWS_I64=bool(rows_i64),
-    )
-    warps = num_warps(block_c, precision)
-    if warps is not None:
-        kwargs["num_warps"] = warps
-    return (n_tiles, num_splits), kwargs
+    tiles = (default_r if block_r is None else block_r, default_c if block_c is None else block_c)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    input_precision = "tf32" if allow_tf32 else precision
+    return [
+        _launch_rows(
+            chunk,
+            shift,
+            s1,
+            s2,
+            input_precision=input_precision,
+            tiles=tiles,
+            num_splits=num_splits,
+            deterministic=deterministic,
+        )
+        for chunk in _row_chunks(x, max_rows)
+    ]
 
 
 def cov_accumulate(
@@ -330,14 +428,15 @@ def cov_accumulate(
     allow_tf32: bool = False,
     precision: str = "ieee",
 ) -> None:
-    """Adds the shifted moments of x's rows to s1 and s2, in place, in one kernel launch.
+    """Adds the shifted moments of x's rows to s1 and s2, in place: one kernel launch per MAX_ROWS
+    rows (and under deterministic algorithms, a sum of the row splits' slices after it).
 
         s1 += sum_r (x_r - shift)          s2 += sum_r (x_r - shift) (x_r - shift)^T
 
     Only the upper tiles of s2 are computed; each is added to its mirror too, so s2 stays
-    symmetric (bit for bit with one row split; with several, whose partial sums are added with
-    atomics in any order, to float32 rounding of s2's entries). Under
-    `torch.use_deterministic_algorithms(True)` one split: bitwise reproducible sums.
+    symmetric (bit for bit with one row split or under deterministic algorithms; with several
+    splits added with atomics in any order, to float32 rounding of s2's entries). Under
+    `torch.use_deterministic_algorithms(True)` the sums are bitwise reproducible.
 
     Args:
         x: (M, C) or (N, C, H, W), any strides (read in place), float32, float16 or bfloat16. Every
@@ -354,7 +453,6 @@ def cov_accumulate(
     Raises:
         ValueError: precision is not one of precision.PRECISIONS, or comes with allow_tf32.
     """
-    launch = cov_accumulate_launch(x, shift, s1, s2, allow_tf32=allow_tf32, precision=precision)
-    if launch is not None:
-        grid, kwargs = launch
-        cov_accum_kernel[grid](**kwargs)
+    for launch in cov_accumulate_launches(x, shift, s1, s2, allow_tf32=allow_tf32, precision=precision):
+        cov_accum_kernel[launch.grid](**launch.kwargs)
+        launch.finish()
