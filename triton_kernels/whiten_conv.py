@@ -40,10 +40,11 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 @triton.jit
 def _row_tile(pid, n_col_tiles, O, I, T, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Tile (pid // n_col_tiles, pid % n_col_tiles) of a GEMM (O * T, I) x (I, I) whose rows are the
-    (o, t) pairs: its rows and columns (int64), their masks, and each row's output o and tap t."""
+    (o, t) pairs: its rows and columns (int64), their masks, and each row's output o and tap t.
+    O * T is formed in int64: O and T arrive as i32 when each fits, their product may not."""
     rows = (pid // n_col_tiles).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = ((pid % n_col_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
-    return rows, cols, rows < O * T, cols < I, rows // T, rows % T
+    return rows, cols, rows < tl.cast(O, tl.int64) * T, cols < I, rows // T, rows % T
 
 
 @triton.jit
@@ -197,12 +198,9 @@ def fold_kernel(
                 cc = tl.load(c_ptr + iis * stride_c, mask=mask_ii, other=0.0).to(acc_ty)
                 uc += tl.sum(u * cc[None, :], axis=1)
             for t in range(0, T):
+                tap = (t // KW).to(tl.int64) * stride_vkh + (t % KW).to(tl.int64) * stride_vkw
                 v = tl.load(
-                    v_ptr
-                    + offs_o[:, None] * stride_vo
-                    + js[None, :] * stride_vi
-                    + (t // KW) * stride_vkh
-                    + (t % KW) * stride_vkw,
+                    v_ptr + offs_o[:, None] * stride_vo + js[None, :] * stride_vi + tap,
                     mask=mask_o[:, None] & mask_j[None, :],
                     other=0.0,
                 ).to(acc_ty)
