@@ -11,10 +11,14 @@ On CUDA the shapes are larger (32 to 128 MiB inputs): the GPU goal is read bandw
 smaller input would time the launch rather than the reads. At the full size CUDA also times
 "prong-tf32x3": ops.covariance with precision="tf32x3" (the kernel's products on the tensor cores,
 within twice the error of the float32 products; triton_kernels/precision.py) on the same input.
+At every size CUDA times "prong-deterministic": ops.covariance under
+torch.use_deterministic_algorithms(True), whose row splits are summed after the launch instead of
+with atomics.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +28,7 @@ from prong_ext import ops, reference
 
 IMPLS = ("naive", "prong", "torch.cov")  # torch.cov: a peer (rows permuted, correction=0)
 TENSOR_CORES = "prong-tf32x3"  # CUDA, full size: prong with precision="tf32x3"
+DETERMINISTIC = "prong-deterministic"  # CUDA: prong under torch.use_deterministic_algorithms(True)
 LAYOUTS = ("contiguous", "channels_last")
 
 # (N, C, H) with W = H: ResNet-like conv inputs
@@ -65,6 +70,7 @@ class Case:
 def cases(size: str, device: str) -> list[Case]:
     shapes = (CUDA_SHAPES if device == "cuda" else SHAPES)[size]
     impls = IMPLS + ((TENSOR_CORES,) if device == "cuda" and size == "full" else ())
+    impls += (DETERMINISTIC,) if device == "cuda" else ()
     return [Case(n, c, h, layout, impl) for n, c, h in shapes for layout in LAYOUTS for impl in impls]
 
 
@@ -81,6 +87,23 @@ def make_input(case: Case, device: str) -> torch.Tensor:
     return x
 
 
+@contextlib.contextmanager
+def deterministic_algorithms(on: bool):
+    """torch.use_deterministic_algorithms(True) inside when on (the setting restored after)."""
+    if not on:
+        yield
+        return
+    before, warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
 def make_runner(case: Case, device: str, x: torch.Tensor | None = None):
     """fn() -> (mean, cov, count), synchronized."""
     x = make_input(case, device) if x is None else x
@@ -91,11 +114,13 @@ def make_runner(case: Case, device: str, x: torch.Tensor | None = None):
             sync(device)
             return out
 
-    elif case.impl in ("prong", TENSOR_CORES):
+    elif case.impl in ("prong", TENSOR_CORES, DETERMINISTIC):
         precision = "tf32x3" if case.impl == TENSOR_CORES else "ieee"
+        deterministic = case.impl == DETERMINISTIC
 
         def fn():
-            out = ops.covariance(x, backend="auto", precision=precision)
+            with deterministic_algorithms(deterministic):
+                out = ops.covariance(x, backend="auto", precision=precision)
             sync(device)
             return out
 

@@ -266,6 +266,7 @@ def _header(meta: dict) -> list[str]:
 
 def _covariance(groups: dict, add, meta: dict) -> list[str]:
     peak, _, peak_source = _memory_peak(meta)
+    variants = sorted({i for g in groups.values() for i in g} - {"naive", "prong", "torch.cov"})
     out = [
         "## Covariance (NCHW float32, float32 products)",
         "",
@@ -273,14 +274,22 @@ def _covariance(groups: dict, add, meta: dict) -> list[str]:
         f"the bytes read (4*M*C) over prong's time; % of peak: of {peak:.0f} GB/s ({peak_source}).",
         "",
     ]
+    if variants:
+        out += [
+            "Variants of prong on the same input, their time over prong's beside them (above 1: slower): "
+            "prong-tf32x3, the products on the tensor cores; prong-deterministic, under "
+            "torch.use_deterministic_algorithms(True) (row splits summed after the launch, no atomics).",
+            "",
+        ]
     out += _table_head(
         "shape", "layout", "naive ms:", "prong ms:", "torch.cov ms:", "naive/prong:", "target", "met",
         "floor ms:", "prong/floor:", "prong GB/s:", "% of peak:",
+        *(c for v in variants for c in (f"{v} ms:", f"{v}/prong:")),
     )  # fmt: skip
-    return out + [_covariance_row(g, add, meta["roofline"], peak) for g in groups.values()]
+    return out + [_covariance_row(g, add, meta["roofline"], peak, variants) for g in groups.values()]
 
 
-def _covariance_row(g: dict, add, roof: dict, peak: float) -> str:
+def _covariance_row(g: dict, add, roof: dict, peak: float, variants: list[str]) -> str:
     p = g.get("prong")
     ex = (p or g.get("naive"))["extra_info"]
     floor = max(ex["flops"] / (roof["gemm_gflops"] * 1e9), ex["bytes"] / (roof["copy_gbps"] * 1e9))
@@ -292,6 +301,7 @@ def _covariance_row(g: dict, add, roof: dict, peak: float) -> str:
         _ms(g.get("torch.cov", {}).get("median_s")), _x(r), _fmt_target(t), _met(r, t), _ms(floor),
         _x(p and p["median_s"] / floor), "" if gbps is None else f"{gbps:.3g}",
         "" if gbps is None else f"{100 * gbps / peak:.1f}",
+        *(c for v in variants for c in (_ms(g.get(v, {}).get("median_s")), _x(_ratio(g.get(v), p)))),
     )  # fmt: skip
 
 

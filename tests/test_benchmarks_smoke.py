@@ -57,6 +57,27 @@ def test_covariance_cases_agree():
             assert_within(c2, c1, g * (y.T @ y) / len(rows), f"{case.group} {impl} covariance")
 
 
+def test_covariance_deterministic_runner(monkeypatch):
+    """prong-deterministic (a CUDA case) runs ops.covariance under deterministic algorithms and
+    restores the setting after; on the CPU its result is prong's."""
+    seen = []
+    covariance = bench_covariance.ops.covariance
+
+    def record(*args, **kwargs):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return covariance(*args, **kwargs)
+
+    monkeypatch.setattr(bench_covariance.ops, "covariance", record)
+    out = {}
+    for impl in ("prong", bench_covariance.DETERMINISTIC):
+        case = bench_covariance.Case(2, 5, 4, "channels_last", impl)
+        out[impl] = bench_covariance.make_runner(case, DEVICE)()
+    assert seen == [False, True] and not torch.are_deterministic_algorithms_enabled()
+    for a, b in zip(out["prong"], out[bench_covariance.DETERMINISTIC]):
+        assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+    assert bench_covariance.DETERMINISTIC in {c.impl for c in bench_covariance.cases("quick", "cuda")}
+
+
 def _layer(case, t):
     """The whitened layer the runners compute, for its rounding bound."""
     if case.kind == "linear":

@@ -263,3 +263,26 @@ def test_run_goals(device_type):
         assert all(g["met"] is None for g in goals.values())
     table = "\n".join(run.goals_table(list(goals.values()), device_type == "cuda"))
     assert "| ≥ 20 | 25.00 |" in table
+
+
+def test_covariance_section_shows_variants():
+    """A variant of prong (prong-deterministic, prong-tf32x3) gets its time and its time over
+    prong's in the covariance table; without variants the table has no such columns."""
+    ex = {"shape": [256, 64, 32, 32], "layout": "contiguous", "flops": 1e9, "bytes": 4e9}
+    group = {
+        "naive": _row("covariance", "cov", "naive", 8e-3, **ex),
+        "prong": _row("covariance", "cov", "prong", 2e-3, **ex),
+        "prong-deterministic": _row("covariance", "cov", "prong-deterministic", 3e-3, **ex),
+    }
+    meta = {
+        "device_type": "cuda",
+        "memory_peak": {"gbps": 4800.0, "source": "test"},
+        "roofline": {"copy_gbps": 1000.0, "gemm_gflops": 1000.0},
+    }
+    lines = run._covariance({"cov": group}, lambda *args: None, meta)
+    head = next(line for line in lines if line.startswith("| shape"))
+    assert head.endswith("| prong-deterministic ms | prong-deterministic/prong |")
+    assert lines[-1].endswith("| 33.6 | 0.7 | 3 | 1.50 |")  # GB/s and % of peak, then the variant
+    del group["prong-deterministic"]
+    lines = run._covariance({"cov": group}, lambda *args: None, meta)
+    assert "prong-deterministic" not in "\n".join(lines)
