@@ -93,8 +93,9 @@ def cases(size: str, device: str) -> list[Case]:
 def make_runner(case: Case, device: str):
     """A function that decomposes every matrix of the case once and waits for the device."""
     if case.impl == "prong":
-        if _extension._C is None:
-            pytest.skip(f"prong_ext._C is not built ({_extension._error})")
+        reason = _extension.unavailable_reason()
+        if reason is not None:
+            pytest.skip(f"prong_ext._C is not built ({reason})")
         if device == "cuda" and not _extension.cuda_built():
             pytest.skip("prong_ext._C was built without CUDA")
     covs = spd_covariances(case.sizes, getattr(torch, case.dtype), device)
@@ -179,7 +180,7 @@ def test_eigh(timed, case, device):
 def _versions(device: str) -> str:
     line = f"Python {platform.python_version()}, torch {torch.__version__}"
     if device == "cuda":
-        info = _extension.cusolver_info() if _extension._C is not None else None
+        info = _extension.cusolver_info()
         line += f", CUDA {torch.version.cuda}, cuSOLVER {info[1] if info else '?'}"
     return line
 

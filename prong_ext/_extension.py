@@ -81,6 +81,12 @@ def available() -> bool:
     return _C is not None
 
 
+def unavailable_reason() -> str | None:
+    """Why `_C` did not load (not built, or built against another torch), or None when it did.
+    Says nothing to the user (`available()` warns)."""
+    return None if _C is not None else str(_error)
+
+
 def cuda_built() -> bool:
     """True when `_C` was compiled with its CUDA kernels."""
     return _C is not None and bool(_C.cuda_built())

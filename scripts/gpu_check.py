@@ -204,7 +204,7 @@ def extension(out: Path, dry: bool) -> int:
         if Path(path).resolve().parent != expected.resolve():
             errors.append(f"{name} imports from {path}, not from {expected}")
     info["available"] = available
-    info["error"] = None if available else str(_extension._error)
+    info["error"] = _extension.unavailable_reason()
     info["cuda_built"] = _extension.cuda_built()
     cus = _extension.cusolver_info()
     info["cusolver"] = None
@@ -224,7 +224,7 @@ def extension(out: Path, dry: bool) -> int:
         info["build_info"] = None
     info["torch"] = torch.__version__
     if not available:
-        errors.append(f"prong_ext._C does not load: {_extension._error}")
+        errors.append(f"prong_ext._C does not load: {_extension.unavailable_reason()}")
     elif not info["cuda_built"]:
         message = "prong_ext._C was built without CUDA: the CUDA tests of the extension would all skip"
         if dry:

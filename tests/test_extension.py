@@ -16,8 +16,8 @@ import torch
 
 from prong_ext import _extension
 
-if _extension._C is None:
-    pytest.skip(f"prong_ext._C is not built ({_extension._error})", allow_module_level=True)
+if _extension.unavailable_reason() is not None:
+    pytest.skip(f"prong_ext._C is not built ({_extension.unavailable_reason()})", allow_module_level=True)
 
 OPS = torch.ops.prong_ext
 DTYPES = [torch.float32, torch.float64]

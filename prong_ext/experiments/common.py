@@ -206,7 +206,7 @@ def environment() -> dict:
         "python": platform.python_version(),
         "machine": platform.machine(),
         "threads": torch.get_num_threads(),
-        "extension": _extension._C is not None,
+        "extension": _extension.unavailable_reason() is None,
         **git_state(),
     }
 
