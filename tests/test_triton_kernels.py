@@ -776,3 +776,32 @@ def test_whitened_conv_compiles(device):
     torch.testing.assert_close(loss, loss_ref)
     torch.testing.assert_close(gV, rV)
     torch.testing.assert_close(gd, rd)
+
+
+@pytest.mark.parametrize("mode", ["atomics", "two_stage"])
+def test_cov_accumulate_compiles(device, programs, deterministic, mode):
+    """The op under torch.compile(fullgraph=True) updates s1 and s2 in place as in eager: several
+    row splits, added with atomics or (deterministic algorithms) summed after the launch; on CUDA
+    the launches are traced through wrap_triton."""
+    programs(device)
+    C = 12
+    x = make_x("channels_last", C, 4096, device=device)
+    shift = rows64(x)[0].float()
+    zeros = torch.zeros(C, device=device), torch.zeros(C, C, device=device)
+    assert cov_accumulate_launches(x, shift, *zeros)[0].grid[1] > 1
+
+    def f(x, shift, s1, s2):
+        ops.cov_accumulate(x, shift, s1, s2)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    s1, s2 = torch.randn(C, device=device), sym(C, device)
+    e1, e2 = shifted_sums64(x, shift)
+    e1, e2 = e1 + s1.double(), e2 + s2.double()
+    b1, b2 = shifted_sums_bound(x, shift, s1, s2)
+    with deterministic() if mode == "two_stage" else contextlib.nullcontext():
+        compiled(x, shift, s1, s2)
+    assert_within(s1, e1, b1)
+    assert_within(s2, e2, b2)
+    if mode == "two_stage":
+        assert torch.equal(s2, s2.T)

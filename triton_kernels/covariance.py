@@ -319,10 +319,13 @@ def _launch_rows(
     splits = max(1, min(splits, row_blocks))
     rows_per_split = triton.cdiv(row_blocks, splits) * block_r
     splits = triton.cdiv(M, rows_per_split)
-    partials = None
     if deterministic and splits > 1:  # each split its own slice, summed by CovLaunch.finish
         partials = (s1.new_zeros(splits, C), s2.new_zeros(splits, C, C))
-    o1, o2 = partials or (s1[None], s2[None])
+        (o1, o2), split_strides = partials, (partials[0].stride(0), partials[1].stride(0))
+        strides = (o1.stride(1), o2.stride(1), o2.stride(2))
+    else:  # s1 and s2 themselves, so that a traced launch (wrap_triton) mutates the op's arguments
+        partials, o1, o2, split_strides = None, s1, s2, (0, 0)
+        strides = (s1.stride(0), s2.stride(0), s2.stride(1))
     kwargs = dict(
         x_ptr=x,
         shift_ptr=shift,
@@ -337,11 +340,11 @@ def _launch_rows(
         stride_r2=sr2,
         stride_xc=stride_c,
         stride_shift=shift.stride(0),
-        stride_s1=o1.stride(1),
-        stride_s2_0=o2.stride(1),
-        stride_s2_1=o2.stride(2),
-        stride_s1_split=o1.stride(0) if partials else 0,
-        stride_s2_split=o2.stride(0) if partials else 0,
+        stride_s1=strides[0],
+        stride_s2_0=strides[1],
+        stride_s2_1=strides[2],
+        stride_s1_split=split_strides[0],
+        stride_s2_split=split_strides[1],
         rows_per_split=rows_per_split,
         BLOCK_R=block_r,
         BLOCK_C=block_c,
