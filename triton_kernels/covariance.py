@@ -173,15 +173,18 @@ def cov_accum_kernel(
     p_up = s2_ptr + offs_i[:, None] * stride_s2_0 + offs_j[None, :] * stride_s2_1
     p_lo = s2_ptr + offs_j[None, :] * stride_s2_0 + offs_i[:, None] * stride_s2_1
     p_s1 = s1_ptr + offs_i * stride_s1
-    m_s1 = mask_i & diag
+    # The scalar conditions enter the masks through tl.where: Triton 3.9's interpreter gives a
+    # block mask & a scalar condition an integer dtype, which its loads and stores reject.
+    m_s1 = tl.where(diag, mask_i, False)
+    m_lo = tl.where(diag, False, m_tile)
     if USE_ATOMICS:
         tl.atomic_add(p_up, acc, mask=m_tile, sem="relaxed")
-        tl.atomic_add(p_lo, acc, mask=m_tile & (ti != tj), sem="relaxed")
+        tl.atomic_add(p_lo, acc, mask=m_lo, sem="relaxed")
         tl.atomic_add(p_s1, acc_s1, mask=m_s1, sem="relaxed")
     else:
         new = tl.load(p_up, mask=m_tile, other=0.0) + acc
         tl.store(p_up, new, mask=m_tile)
-        tl.store(p_lo, new, mask=m_tile & (ti != tj))
+        tl.store(p_lo, new, mask=m_lo)
         tl.store(p_s1, tl.load(p_s1, mask=m_s1, other=0.0) + acc_s1, mask=m_s1)
 
 

@@ -282,7 +282,8 @@ def fold_bwd_kernel(
     gv_off = o[:, None] * I * T + cols[None, :] * T + t[:, None]
     tl.store(gv_ptr + gv_off, acc.to(gv_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_c[None, :])
     first_col = pid % n_col_tiles == 0
-    tl.store(gd_ptr + o, gb.to(gd_ptr.dtype.element_ty), mask=mask_r & (t == 0) & first_col)
+    # tl.where, not & first_col: Triton 3.9's interpreter rejects a block mask & a scalar condition
+    tl.store(gd_ptr + o, gb.to(gd_ptr.dtype.element_ty), mask=tl.where(first_col, mask_r & (t == 0), False))
 
 
 # True when the kernels were defined under TRITON_INTERPRET=1 (they then run on CPU tensors)
