@@ -10,7 +10,7 @@ STAMP := $(VENV)/.deps-installed
 TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
 GPU_CHECK_OUT ?= build/gpu-check-dry
 
-.PHONY: build test demo compile-check compile-check-36 wheel wheel-cpu bench gpu-check-dry lint clean
+.PHONY: build test demo compile-check compile-check-36 triton-39 wheel wheel-cpu bench gpu-check-dry lint clean
 
 $(STAMP): requirements-dev.txt
 	test -x $(PY) || $(PYTHON3) -m venv $(VENV)
@@ -40,10 +40,15 @@ demo: build
 compile-check: build
 	env -u TRITON_INTERPRET $(PY) -m prong_ext.triton_kernels.compile_check
 
-# The same under Triton 3.6.0, the GPU machine's, in a cached venv (PRONG_EXT_T36_VENV, default
-# ~/.cache/prong_ext/venv-t36, made when missing) from this checkout's sources.
+# The same under Triton 3.6.0, the GPU machine's, in a cached venv (PRONG_EXT_TRITON_VENV, default
+# ~/.cache/prong_ext/venv-t3.6.0, made when missing) from this checkout's sources.
 compile-check-36:
-	bash scripts/compile_check_t36.sh
+	bash scripts/triton_check.sh 3.6.0
+
+# Under Triton 3.9.0, the newest supported (venv ~/.cache/prong_ext/venv-t3.9.0): the compile check,
+# and the kernels' tests under its interpreter (with prong_ext._C when `make build` made it).
+triton-39:
+	bash scripts/triton_check.sh 3.9.0 --tests
 
 # The sdist, and the CUDA wheel built from it (torch 2.14.1 CUDA venv in .venv-cuda), checked for
 # sm_80 and sm_90 code and sm_90 PTX, into dist/.

@@ -46,7 +46,7 @@ DEFAULT_BLOCK_R = 32
 DEFAULT_BLOCK_C = 32
 # Tiles of precision="tf32x3" (tensor cores): 64 x 64 tiles of s2 read each row of x half as often
 # as 32 x 32 ones; each dot reduces 16 rows from zero, added to the tile with round-to-nearest
-# (precision.py). With 8 warps no spills on sm_80 or sm_90 under Triton 3.6 and 3.8, i64 strides
+# (precision.py). With 8 warps no spills on sm_80 or sm_90 under Triton 3.6, 3.8 and 3.9, i64 strides
 # included (with 4 warps they reach 255 registers and spill); 32 rows per dot spill with 4
 # warps, 128-wide tiles with 8. Under torch.compile, wrap_triton turns the num_warps launch option
 # into a one-config autotune (torch 2.13); were it dropped, the kernel would run with 4 warps: the
