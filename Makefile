@@ -10,7 +10,7 @@ STAMP := $(VENV)/.deps-installed
 TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
 GPU_CHECK_OUT ?= build/gpu-check-dry
 
-.PHONY: build test demo compile-check compile-check-36 triton-39 wheel wheel-cpu bench gpu-check-dry lint clean
+.PHONY: build test demo compile-check compile-check-36 triton-39 wheel wheel-cpu bench gpu-check-dry gpu-check-rehearsal lint clean
 
 $(STAMP): requirements-dev.txt
 	test -x $(PY) || $(PYTHON3) -m venv $(VENV)
@@ -68,6 +68,11 @@ bench: build
 # checkout, the summary and the check of its entries in $(GPU_CHECK_OUT).
 gpu-check-dry: $(STAMP)
 	PYTHON=$(abspath $(PY)) GPU_CHECK_DRY=1 bash scripts/gpu_check.sh $(GPU_CHECK_OUT)
+
+# The same dry run with the GPU machine's torch 2.11.0 (CUDA 13.0) and Triton 3.6.0, in the venv of
+# scripts/device_venv.sh (made when missing: about 5 GB, 2 minutes): _C is built with CUDA as there.
+gpu-check-rehearsal:
+	py=$$(bash scripts/device_venv.sh) && PYTHON=$$py GPU_CHECK_DRY=1 bash scripts/gpu_check.sh $(GPU_CHECK_OUT)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check prong_ext triton_kernels tests benchmarks scripts setup.py
