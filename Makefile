@@ -70,9 +70,10 @@ gpu-check-dry: $(STAMP)
 	PYTHON=$(abspath $(PY)) GPU_CHECK_DRY=1 bash scripts/gpu_check.sh $(GPU_CHECK_OUT)
 
 # The same dry run with the GPU machine's torch 2.11.0 (CUDA 13.0) and Triton 3.6.0, in the venv of
-# scripts/device_venv.sh (made when missing: about 5 GB, 2 minutes): _C is built with CUDA as there.
+# scripts/device_venv.sh (made when missing: about 5 GB, 2 minutes): _C is built with CUDA as there,
+# and the output is packed as the lent machine needs it (GPU_CHECK_PACK=1: at most 8 files).
 gpu-check-rehearsal:
-	py=$$(bash scripts/device_venv.sh) && PYTHON=$$py GPU_CHECK_DRY=1 bash scripts/gpu_check.sh $(GPU_CHECK_OUT)
+	py=$$(bash scripts/device_venv.sh) && PYTHON=$$py GPU_CHECK_DRY=1 GPU_CHECK_PACK=1 bash scripts/gpu_check.sh $(GPU_CHECK_OUT)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check prong_ext triton_kernels tests benchmarks scripts setup.py

@@ -3,7 +3,8 @@
 # measure in one go, in under 8 minutes, with one summary at the end.
 #
 #   scripts/gpu_check.sh OUTDIR
-#   GPU_CHECK_COMMIT=<sha> scripts/gpu_check.sh "$OUT"     (on the lent machine: its copy has no .git)
+#   GPU_CHECK_PACK=1 GPU_CHECK_COMMIT=<sha> scripts/gpu_check.sh "$OUT"
+#       (on the lent machine: its copy has no .git, and at most 8 files come back from $OUT)
 #
 # Steps, each with its own time limit cut to what is left of a global budget, each logged to
 # OUTDIR/logs/<step>.log and recorded in OUTDIR/steps.tsv:
@@ -39,9 +40,13 @@
 # CUDA tests skip, the rest is deselected) except DRY_FULL_TESTS, which run whole; the benchmarks
 # run in size tiny. Then scripts/gpu_check.py check verifies that the summary holds every entry.
 #
+# GPU_CHECK_PACK=1 (the lent machine, which returns at most 8 files from $OUT): after the summary,
+# every file of the run goes into OUTDIR/gpu_check.tar.gz, and beside it stay only summary.md,
+# summary.json, bench/results.md and bench/results.json; a run left with more than 8 files fails.
+#
 # Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 480), GPU_CHECK_DRY,
-# GPU_CHECK_COMMIT (the commit to record: the copy on the GPU machine has no .git), MAX_JOBS
-# (default: the CPU count).
+# GPU_CHECK_PACK, GPU_CHECK_COMMIT (the commit to record: the copy on the GPU machine has no .git),
+# MAX_JOBS (default: the CPU count).
 set -uo pipefail
 
 OUT=${1:?usage: scripts/gpu_check.sh OUTDIR}
@@ -56,6 +61,8 @@ PY=$(command -v "$PY")
 [[ $PY == /* ]] || PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"
 DRY=${GPU_CHECK_DRY:-0}
 [ "$DRY" = 0 ] || DRY=1
+PACK=${GPU_CHECK_PACK:-0}
+[ "$PACK" = 0 ] || PACK=1
 BUDGET=${GPU_CHECK_BUDGET_S:-480}
 START=$(date +%s)
 DEADLINE=$(( START + BUDGET ))
@@ -70,8 +77,11 @@ test_grouped:45 test_dropin:45 test_prong:60"
 SLOW_LAST="test_amp_compile:150 test_distributed:60 test_benchmarks_smoke:60 test_cli:60"
 DEFAULT_TEST_S=45
 
-rm -rf "$OUT/logs" "$OUT/junit" "$OUT/bench"
-rm -f "$OUT"/steps.tsv "$OUT"/summary.md "$OUT"/summary.json "$OUT"/env.json "$OUT"/extension.json
+# What a run writes under OUT (removed first; packed at the end with GPU_CHECK_PACK=1), and what
+# stays beside the pack
+WRITTEN="logs junit bench steps.tsv summary.md summary.json env.json env.txt extension.json gpu_check.tar.gz"
+KEEP="summary.md summary.json bench/results.md bench/results.json"
+(cd "$OUT" && rm -rf $WRITTEN)
 mkdir -p "$OUT/logs" "$OUT/junit"
 : >"$OUT/steps.tsv"
 
@@ -127,8 +137,30 @@ finish() {
             || rc=1
     fi
     cat "$OUT/logs/summary.log"
+    if [ "$PACK" = 1 ]; then
+        pack || rc=1
+    fi
     say "done in $(( $(date +%s) - START )) s (budget ${BUDGET} s): $([ $rc = 0 ] && echo PASS || echo FAIL)"
     exit $rc
+}
+
+# Every file this run wrote under OUT into OUT/gpu_check.tar.gz; KEEP stays beside it.
+pack() {
+    local f n keep="$TMP/keep"
+    tar -C "$OUT" -czf "$TMP/gpu_check.tar.gz" $(cd "$OUT" && ls -d $WRITTEN 2>/dev/null) || return 1
+    mkdir -p "$keep"
+    for f in $KEEP; do
+        [ -f "$OUT/$f" ] && mkdir -p "$keep/$(dirname "$f")" && cp "$OUT/$f" "$keep/$f"
+    done
+    (cd "$OUT" && rm -rf $WRITTEN)
+    cp -R "$keep/." "$OUT/"
+    mv "$TMP/gpu_check.tar.gz" "$OUT/"
+    n=$(find "$OUT" -type f | wc -l)
+    say "packed into $OUT/gpu_check.tar.gz; $n files in $OUT: $(cd "$OUT" && find . -type f | sort | paste -sd' ' -)"
+    if (( n > 8 )); then
+        say "more than 8 files in $OUT: the lent machine would not return them all"
+        return 1
+    fi
 }
 
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
