@@ -26,6 +26,10 @@
 #              run compiled), OUTDIR/junit/<file>.xml, --durations=10, its own time limit; at the
 #              limit pytest is interrupted (SIGINT) and still writes the junit file of the tests it
 #              ran. The GPU's files first, then the benchmarks, then the rest, the slow files last.
+#              The files run in GPU_CHECK_LANES (default 3) concurrent lanes, dealt in turn: the
+#              first run of a test file on a fresh machine is mostly Triton compiling its kernels
+#              (about 120 specializations in test_triton_kernels, 100 in test_precision_modes),
+#              one CPU core each. The benchmarks run alone.
 #   bench      benchmarks/run.py --quick --time-limit S --out OUTDIR/bench: the cases that decide the
 #              GPU goals first; results.md opens with the goals and the figures achieved.
 #   summary    scripts/gpu_check.py summary: versions (Python, torch, Triton, CUDA, cuSOLVER, GPU),
@@ -45,8 +49,8 @@
 # summary.json, bench/results.md and bench/results.json; a run left with more than 8 files fails.
 #
 # Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 480), GPU_CHECK_DRY,
-# GPU_CHECK_PACK, GPU_CHECK_COMMIT (the commit to record: the copy on the GPU machine has no .git),
-# MAX_JOBS (default: the CPU count).
+# GPU_CHECK_PACK, GPU_CHECK_LANES, GPU_CHECK_COMMIT (the commit to record: the copy on the GPU
+# machine has no .git), MAX_JOBS (default: the CPU count).
 set -uo pipefail
 
 OUT=${1:?usage: scripts/gpu_check.sh OUTDIR}
@@ -70,12 +74,14 @@ SUMMARY_RESERVE=30  # kept for the summary by every step (a step may overrun its
 BENCH_S=170         # the benchmark step's limit, kept free by the test files before it
 DRY_FULL_TESTS="test_convert test_gpu_check"  # the files a dry run tests whole (2 s each)
 
-# Test files in the order they run, with their limits in seconds (each at most what is left).
-# GPU_FIRST run before the benchmarks; files listed nowhere run after them, then SLOW_LAST.
-GPU_FIRST="test_extension:60 test_triton_kernels:120 test_robustness:60 test_ops:45 test_layers:45
-test_grouped:45 test_dropin:45 test_prong:60"
+# Test files in the order they are dealt to the lanes, with their limits in seconds (each at most
+# what is left). GPU_FIRST run before the benchmarks; files listed nowhere run after them, then
+# SLOW_LAST. With 3 lanes the two Triton files and the extension's start at once.
+GPU_FIRST="test_triton_kernels:150 test_precision_modes:120 test_extension:60 test_ops:60 test_layers:60
+test_robustness:60 test_grouped:45 test_dropin:45 test_prong:60"
 SLOW_LAST="test_amp_compile:150 test_distributed:60 test_benchmarks_smoke:60 test_cli:60"
 DEFAULT_TEST_S=45
+LANES=${GPU_CHECK_LANES:-3}
 
 # What a run writes under OUT (removed first; packed at the end with GPU_CHECK_PACK=1), and what
 # stays beside the pack
@@ -276,13 +282,26 @@ run_test() {  # run_test NAME MAX_S RESERVE_S
     step "$name" test "$max" "$reserve" "${PYTEST[@]}" "tests/$name.py" -q -rfEs -p no:cacheprovider \
         --durations=10 --junitxml="$OUT/junit/$name.xml" "${select[@]}"
 }
+# run_lanes RESERVE_S NAME:MAX_S...: the test files dealt in turn to LANES lanes that run at once,
+# each its files in order; returns when every lane is done.
+run_lanes() {
+    local reserve=$1 lane i entry
+    shift
+    local entries=("$@")
+    for (( lane = 0; lane < LANES; lane++ )); do
+        (
+            for (( i = lane; i < ${#entries[@]}; i += LANES )); do
+                entry=${entries[$i]}
+                [ -f "tests/${entry%%:*}.py" ] && run_test "${entry%%:*}" "${entry##*:}" "$reserve"
+            done
+        ) &
+    done
+    wait
+}
 listed() { grep -qw "$1" <<<"$GPU_FIRST $SLOW_LAST"; }
 all_tests=$(ls tests/test_*.py | xargs -n1 basename | sed 's/\.py$//')
 
-for entry in $GPU_FIRST; do
-    name=${entry%%:*}
-    [ -f "tests/$name.py" ] && run_test "$name" "${entry##*:}" $(( BENCH_S + SUMMARY_RESERVE ))
-done
+run_lanes $(( BENCH_S + SUMMARY_RESERVE )) $GPU_FIRST
 
 bench_limit=$(( $(left) - SUMMARY_RESERVE ))
 (( bench_limit > BENCH_S )) && bench_limit=$BENCH_S
@@ -296,12 +315,10 @@ step bench bench "$BENCH_S" "$SUMMARY_RESERVE" "$PY" benchmarks/run.py "${size[@
     --time-limit $(( bench_limit > 40 ? bench_limit - 25 : 15 )) --out "$OUT/bench"
 grep -E '^prong_ext benchmarks|^  bench_|^wrote ' "$OUT/logs/bench.log"
 
+rest=()
 for name in $all_tests; do
-    listed "$name" || run_test "$name" "$DEFAULT_TEST_S" "$SUMMARY_RESERVE"
+    listed "$name" || rest+=("$name:$DEFAULT_TEST_S")
 done
-for entry in $SLOW_LAST; do
-    name=${entry%%:*}
-    [ -f "tests/$name.py" ] && run_test "$name" "${entry##*:}" "$SUMMARY_RESERVE"
-done
+run_lanes "$SUMMARY_RESERVE" "${rest[@]}" $SLOW_LAST
 
 finish
