@@ -7,8 +7,8 @@
 # of the GPU machine's image, with its CUDA libraries, about 5 GB) and the triton it pins (3.6.0),
 # pytest, pytest-benchmark, pybind11, ninja, setuptools < 82 (torch 2.11's bound) and numpy < 2.4:
 # Triton 3.6's interpreter turns one-element arrays into ints, which numpy 2.4 refuses. `make
-# gpu-check-rehearsal` runs scripts/gpu_check.sh's dry run with it; CI also compiles the kernels
-# under its Triton (make compile-check-36 with PRONG_EXT_TRITON_VENV pointing here).
+# gpu-check-rehearsal` runs scripts/gpu_check.sh's dry run with it; CI also runs
+# `scripts/triton_check.sh 3.6.0 --tests` in it (PRONG_EXT_TRITON_VENV pointing here).
 set -euo pipefail
 VENV=${PRONG_EXT_DEVICE_VENV:-$HOME/.cache/prong_ext/venv-device}
 PY="$VENV/bin/python"

@@ -10,12 +10,13 @@
 #
 # The venv, PRONG_EXT_TRITON_VENV (default ~/.cache/prong_ext/venv-t<VERSION>), is made when missing
 # or when it lacks that Triton: torch 2.13.0 (CPU, the local wheel store), triton==VERSION, numpy,
-# and with --tests pytest. prong_ext is not installed there. The compile check runs in a temporary
+# and with --tests pytest. Another venv holding that Triton is used as it is (CI: 3.6.0 in the GPU
+# machine's venv of scripts/device_venv.sh, torch 2.11.0). prong_ext is not installed there. The compile check runs in a temporary
 # folder holding a stub package prong_ext (an empty __init__.py) whose triton_kernels is a link to
 # the checkout's triton_kernels/, so the module runs under its installed name,
 # prong_ext.triton_kernels.compile_check. The tests import the whole package: a temporary prong_ext
-# of links to the checkout's files (its _C too, when built: it needs torch 2.13.0, .venv's), with
-# triton_kernels linked in the same way.
+# of links to the checkout's files (its _C too, when built: built for .venv's torch 2.13.0, it is
+# skipped with a warning under another torch), with triton_kernels linked in the same way.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
